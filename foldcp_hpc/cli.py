@@ -1,0 +1,95 @@
+"""``foldcp-hpc``: the command line. Thin: parses arguments, then calls the runtime.
+
+    mpirun -n 4 foldcp-hpc info jobs/demo.toml [section.key=value ...]
+
+Commands
+    info      build the grid of a job, print it (rank map, groups, transport, devices) and run the
+              collective self-check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+from . import __version__
+from .runtime import abort_on_error, rank0_print
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foldcp-hpc", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"foldcp-hpc {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="print full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="print the grid, rank map and transport; run the collective self-check")
+    info.add_argument("job", nargs="?", help="job file (TOML); defaults apply without one")
+    info.add_argument("overrides", nargs="*", metavar="section.key=value", help="override job-file values")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if getattr(args, "job", None) and "=" in args.job and not Path(args.job).exists():
+        args.overrides, args.job = [args.job, *args.overrides], None  # only overrides were given
+    with abort_on_error(args.traceback or None):
+        if args.command == "info":
+            return _info(args.job, args.overrides)
+    return 0
+
+
+def _info(job_path: str | None, overrides: list[str]) -> int:
+    import torch
+
+    from .config import load_job
+    from .distributed.grid import ProcessGrid
+    from .distributed.selfcheck import self_check
+
+    job = load_job(job_path, overrides)
+    grid_cfg, runtime_cfg = job.grid, job.runtime
+    with ProcessGrid.create(grid_cfg.p, grid_cfg.dp, transport=runtime_cfg.transport,
+                            timeout_s=runtime_cfg.timeout_s) as grid:
+        entry = (grid.rank, grid.replica, grid.row, grid.col, socket.gethostname(), grid.local_rank, str(grid.device))
+        rank_map = grid.comm.gather(entry, root=0)
+        rank0_print(f"foldcp-hpc {__version__} | job {job.source} | {grid.world_size} rank(s) | "
+                    f"grid {grid.dp}x{grid.p}x{grid.p} (dp x p x p) | transport {grid.transport.name} "
+                    f"(torch.distributed backend {grid.transport.backend}) | torch {torch.__version__}")
+        if grid.rank == 0:
+            _print_rank_map(rank_map)
+            print(_groups_line(grid), flush=True)
+        if not runtime_cfg.self_check:
+            return 0
+        results = self_check(grid)
+        n_check = 3 * grid.p + 1
+        rank0_print(f"collective self-check (N={n_check} tokens on a {grid.p}x{grid.p} grid, float64, "
+                    f"slowest rank's time):")
+        for result in results:
+            rank0_print(f"  {result.name:<24} {'exact' if result.ok else 'WRONG':<6} {result.seconds * 1e3:8.2f} ms")
+        n_ok = sum(r.ok for r in results)
+        rank0_print(f"self-check: {n_ok}/{len(results)} collectives exact")
+        if n_ok != len(results):
+            bad = ", ".join(r.name for r in results if not r.ok)
+            raise RuntimeError(f"collective self-check failed: {bad}")
+    return 0
+
+
+def _print_rank_map(rank_map: list[tuple]) -> None:
+    print(f"{'rank':>5} {'replica':>7} {'row':>4} {'col':>4}  {'host':<20} {'local':>5}  device", flush=True)
+    for rank, replica, row, col, host, local, device in rank_map:
+        print(f"{rank:>5} {replica:>7} {row:>4} {col:>4}  {host[:20]:<20} {local:>5}  {device}", flush=True)
+
+
+def _groups_line(grid) -> str:
+    from .distributed.grid import axis_groups
+
+    axes = ("row", "col", "replica") if grid.dp > 1 else ("row", "col")
+    return "\n".join(f"{axis} groups: {' '.join(str(list(g)) for g in axis_groups(axis, grid.dp, grid.p))}"
+                     for axis in axes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Job files: TOML -> frozen dataclasses, one section per component.
+
+Each section is a frozen dataclass whose fields carry their documentation in ``metadata["doc"]`` (and
+allowed values in ``metadata["choices"]``). :func:`load_job` reads a TOML file, applies
+``section.key=value`` overrides from the command line, checks every value and rejects unknown
+sections and keys with a did-you-mean suggestion. Errors are :class:`ConfigError` with one line that
+names the file and the field.
+
+Each component receives only its own section (``job.grid``, ``job.runtime``), never the whole job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from .distributed.transport import TRANSPORTS
+from .errors import UniformError
+
+__all__ = ["ConfigError", "GridConfig", "RuntimeConfig", "JobConfig", "load_job", "parse_overrides"]
+
+
+class ConfigError(UniformError):
+    """A job file or override is wrong; the message names the file and the field."""
+
+
+def _positive(value: Any) -> str | None:
+    return None if value is None or value > 0 else f"must be positive, got {value}"
+
+
+def _doc(text: str, choices: Sequence[str] | None = None, check: Any = None) -> dict[str, Any]:
+    """Field metadata: its documentation, allowed values, and a check returning an error text or None."""
+    meta: dict[str, Any] = {"doc": text}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if check is not None:
+        meta["check"] = check
+    return meta
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """``[grid]``: how the ranks are laid out (dp replicas of a p x p context-parallel grid)."""
+
+    p: int | None = field(default=None, metadata=_doc(
+        "Side of the context-parallel grid (p x p ranks per replica). Unset: inferred from the rank count and dp.",
+        check=_positive))
+    dp: int = field(default=1, metadata=_doc("Number of data-parallel replicas of the grid.", check=_positive))
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """``[runtime]``: transport, timeouts and determinism."""
+
+    transport: str = field(default="auto", metadata=_doc(
+        "How tensors travel: nccl (one GPU per rank), gloo (CPU), host (GPU compute, messages staged through "
+        "host memory; more ranks than GPUs), auto (nccl if every rank has a GPU, host if GPUs are shared, "
+        "else gloo).", TRANSPORTS))
+    timeout_s: float = field(default=600.0, metadata=_doc(
+        "Seconds a collective may wait before torch.distributed gives up.", check=_positive))
+    seed: int = field(default=0, metadata=_doc("Seed of the random generator shared by all ranks."))
+    self_check: bool = field(default=True, metadata=_doc(
+        "Run the collective self-check (exactness of every tile collective) at start-up."))
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole job: one attribute per section."""
+
+    grid: GridConfig = field(default_factory=GridConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
+
+
+SECTIONS: dict[str, type] = {"grid": GridConfig, "runtime": RuntimeConfig}
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _suggest(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (known: {', '.join(sorted(options))})"
+
+
+def _convert(value: Any, annotation: Any, where: str, choices: Sequence[str] | None) -> Any:
+    """Check ``value`` against a field annotation (int, float, str, bool, or X | None)."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    elif annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    elif annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+    elif annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _build_section(cls: type, table: Mapping[str, Any], source: str, section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        where = f"{source}: [{section}] {key}"
+        if key not in fields:
+            raise ConfigError(f"{source}: [{section}] has no key {key!r}{_suggest(key, list(fields))}")
+        values[key] = _convert(value, hints[key], where, fields[key].metadata.get("choices"))
+        check = fields[key].metadata.get("check")
+        problem = check(values[key]) if check is not None else None
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
+    return cls(**values)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["grid.p=3", "runtime.transport=gloo"]`` -> ``{"grid": {"p": 3}, "runtime": {"transport": "gloo"}}``.
+
+    Values are read as TOML values (``3``, ``true``, ``"x"``); a bare word that is not valid TOML is a string.
+    """
+    tables: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"command line: override {item!r} must look like section.key=value")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        tables.setdefault(section, {})[name] = value
+    return tables
+
+
+def load_job(path: str | Path | None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Read a job file (or only defaults when ``path`` is None) and apply ``section.key=value`` overrides.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown section or key, or a bad value; one line naming
+            the file and the field.
+    """
+    source = "<defaults>" if path is None else str(path)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such job file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    for section, table in parse_overrides(overrides).items():
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{source}: {section!r} must be a table [{section}]")
+        data[section].update(table)
+    sections = {}
+    for name, table in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]{_suggest(name, list(SECTIONS))}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {name!r} must be a table [{name}], got {table!r}")
+        sections[name] = _build_section(SECTIONS[name], table, source, name)
+    return JobConfig(**sections, source=source)

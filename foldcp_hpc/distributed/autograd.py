@@ -1,0 +1,270 @@
+"""Differentiable tile collectives: what model code calls.
+
+Gradient convention ("sum of per-rank losses"): every rank's tensors are separate variables, and the
+objective is the sum over ranks of what each rank computes from its own tensors. Each backward below
+is the exact adjoint of its forward under that convention, so gradients of sharded tensors come out
+as the shards of the serial gradient. A tensor replicated on k ranks (s, or a gathered pair tensor)
+therefore receives on each rank the gradient of that rank's use of it; summing over the ranks that
+hold it gives the serial gradient.
+
+Each public function's docstring says "forward: X; backward: Y". Each returns its input unchanged,
+with no communication, when its group has one rank.
+
+Placements: ``z: [B, N_i, N_j, C]`` pair tile (row-block r, col-block c) on rank (r, c), blocks of
+``n_local`` padded tokens; token vectors ``[B, N, C]`` are split along dim 1 by row block (``by="row"``:
+rank (r, c) holds block r) or by column block (``by="col"``: block c).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from . import collectives as raw
+from .layout import TileLayout
+
+if TYPE_CHECKING:
+    from .grid import ProcessGrid
+
+__all__ = [
+    "ring_shift",
+    "transpose_tiles",
+    "all_gather",
+    "reduce_scatter",
+    "all_reduce",
+    "broadcast",
+    "scatter_pair",
+    "take_tile",
+    "gather_pair",
+    "scatter_tokens",
+    "gather_tokens",
+]
+
+
+# ------------------------------------------------------------------------------------------------------------
+class _RingShift(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid, axis, offset):
+        ctx.grid, ctx.axis, ctx.offset = grid, axis, offset
+        return raw.shift(x, grid, axis, offset)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return raw.shift(grad.contiguous(), ctx.grid, ctx.axis, -ctx.offset), None, None, None
+
+
+def ring_shift(x: torch.Tensor, grid: "ProcessGrid", axis: str, offset: int = 1) -> torch.Tensor:
+    """Move ``x`` ``offset`` places round the ring of ``axis`` (position i receives from i - offset).
+
+    forward: shift by +offset; backward: shift the gradient by -offset.
+    """
+    if grid.axis(axis).size == 1:
+        return x
+    return _RingShift.apply(x, grid, axis, offset)
+
+
+class _TransposeTiles(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid, dims):
+        ctx.grid, ctx.dims = grid, dims
+        return _transpose_tiles(x, grid, dims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _transpose_tiles(grad, ctx.grid, ctx.dims), None, None
+
+
+def _transpose_tiles(x: torch.Tensor, grid: "ProcessGrid", dims: tuple[int, int]) -> torch.Tensor:
+    received = raw.exchange(x.contiguous(), grid, grid.rank_of(grid.col, grid.row))
+    return received.transpose(*dims).contiguous()  # [B,J,I,C] -> [B,I,J,C] for dims (1, 2)
+
+
+def transpose_tiles(x: torch.Tensor, grid: "ProcessGrid", dims: tuple[int, int] = (1, 2)) -> torch.Tensor:
+    """Tile (r, c) of the transposed pair tensor: rank (r, c) swaps tiles with (c, r), then swaps ``dims``.
+
+    x: [B, N_i, N_j, C] pair tile (row-block r, col-block c) of z.
+    returns: [B, N_i, N_j, C] pair tile (row-block r, col-block c) of z with dims 1 and 2 swapped.
+
+    forward: exchange with the mirror rank, transpose ``dims``; backward: the same (it is its own adjoint).
+    """
+    if grid.p == 1:
+        return x.transpose(*dims)
+    return _TransposeTiles.apply(x, grid, tuple(dims))
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid, axis, dim):
+        ctx.grid, ctx.axis, ctx.dim = grid, axis, dim
+        return raw.all_gather(x.contiguous(), grid, axis, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return raw.reduce_scatter(grad.contiguous(), ctx.grid, ctx.axis, ctx.dim), None, None, None
+
+
+def all_gather(x: torch.Tensor, grid: "ProcessGrid", axis: str, dim: int) -> torch.Tensor:
+    """Concatenate the members' ``x`` along ``dim`` in group order.
+
+    forward: all-gather; backward: reduce-scatter (sum over members, keep own chunk).
+    """
+    if grid.axis(axis).size == 1:
+        return x
+    return _AllGather.apply(x, grid, axis, dim % x.dim())
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid, axis, dim):
+        ctx.grid, ctx.axis, ctx.dim = grid, axis, dim
+        return raw.reduce_scatter(x.contiguous(), grid, axis, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return raw.all_gather(grad.contiguous(), ctx.grid, ctx.axis, ctx.dim), None, None, None
+
+
+def reduce_scatter(x: torch.Tensor, grid: "ProcessGrid", axis: str, dim: int) -> torch.Tensor:
+    """Sum over the members of ``axis``, keep this member's chunk of ``dim``.
+
+    forward: reduce-scatter; backward: all-gather.
+    """
+    if grid.axis(axis).size == 1:
+        return x
+    return _ReduceScatter.apply(x, grid, axis, dim % x.dim())
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid, axis):
+        ctx.grid, ctx.axis = grid, axis
+        return raw.all_reduce(x, grid, axis, "sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return raw.all_reduce(grad.contiguous(), ctx.grid, ctx.axis, "sum"), None, None
+
+
+def all_reduce(x: torch.Tensor, grid: "ProcessGrid", axis: str) -> torch.Tensor:
+    """Element-wise sum over the members of ``axis``.
+
+    forward: all-reduce (sum); backward: all-reduce (sum).
+    """
+    if grid.axis(axis).size == 1:
+        return x
+    return _AllReduce.apply(x, grid, axis)
+
+
+class _Broadcast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid, axis, src):
+        ctx.grid, ctx.axis, ctx.src = grid, axis, src
+        return raw.broadcast(x, grid, axis, src)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return raw.reduce(grad.contiguous(), ctx.grid, ctx.axis, ctx.src), None, None, None
+
+
+def broadcast(x: torch.Tensor, grid: "ProcessGrid", axis: str, src: int = 0) -> torch.Tensor:
+    """Every member of ``axis`` gets position ``src``'s ``x`` (the others' values are ignored).
+
+    forward: broadcast from ``src``; backward: sum-reduce onto ``src`` (zeros elsewhere).
+    """
+    if grid.axis(axis).size == 1:
+        return x
+    return _Broadcast.apply(x, grid, axis, src)
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _pad_tokens(x: torch.Tensor, dim: int, n_padded: int) -> torch.Tensor:
+    """Zero-pad token dim ``dim`` of ``x`` up to ``n_padded``."""
+    missing = n_padded - x.shape[dim]
+    if missing == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, missing]  # F.pad lists the last dim first
+    return F.pad(x, pad)
+
+
+def scatter_pair(full: torch.Tensor, grid: "ProcessGrid") -> torch.Tensor:
+    """This rank's tile of a pair tensor that every rank holds whole (padding with zeros).
+
+    full: [B, N, N, *C] replicated on every rank of the grid.
+    returns: [B, n_local, n_local, *C] pair tile (row-block r, col-block c).
+
+    forward: pad, then slice the own tile (no communication); backward: the tile's gradient placed in zeros.
+    """
+    return take_tile(full, grid.p, grid.row, grid.col)
+
+
+def take_tile(full: torch.Tensor, p: int, row: int, col: int) -> torch.Tensor:
+    """Tile (row, col) (taken mod p) of a whole pair tensor, zero-padded: pure, for any grid position.
+
+    full: [B, N, N, *C]; returns [B, n_local, n_local, *C].
+    """
+    if full.dim() < 3 or full.shape[1] != full.shape[2]:
+        raise ValueError(f"a pair tensor must be [B, N, N, ...], got {tuple(full.shape)}")
+    layout = TileLayout(full.shape[1], p)
+    rows, cols = layout.tile(row % p, col % p)
+    padded = _pad_tokens(_pad_tokens(full, 1, layout.n_padded), 2, layout.n_padded)
+    return padded[:, rows, cols]
+
+
+def gather_pair(tile: torch.Tensor, grid: "ProcessGrid", n_global: int) -> torch.Tensor:
+    """The whole pair tensor on every rank of the grid, padding removed: an explicit gather-for-output path.
+
+    tile: [B, n_local, n_local, *C] pair tile (row-block r, col-block c).
+    returns: [B, N, N, *C] replicated.
+
+    forward: all-gather over the grid; backward: reduce-scatter of the gradient's tiles.
+    """
+    layout = grid.layout(n_global)
+    p, n_local = grid.p, layout.n_local
+    if tile.shape[1] != n_local or tile.shape[2] != n_local:
+        raise ValueError(f"gather_pair: N={n_global} on a {p}x{p} grid needs tiles of {n_local}x{n_local}, "
+                         f"got {tuple(tile.shape[1:3])}")
+    tiles = all_gather(tile.unsqueeze(0), grid, "grid", dim=0)  # [p*p, B, n, n, *C] in grid order
+    batch, tail = tile.shape[0], tile.shape[3:]
+    tiles = tiles.reshape(p, p, batch, n_local, n_local, *tail)
+    full = tiles.movedim(2, 0).transpose(2, 3)  # [P_r,P_c,B,n_i,n_j,*C] -> [B,P_r,n_i,P_c,n_j,*C]
+    full = full.reshape(batch, p * n_local, p * n_local, *tail)
+    return full[:, :n_global, :n_global]
+
+
+def scatter_tokens(x: torch.Tensor, grid: "ProcessGrid", by: str = "row", dim: int = 1) -> torch.Tensor:
+    """This rank's block of a token tensor that every rank holds whole.
+
+    x: [B, N, C] replicated (tokens along ``dim``).
+    returns: [B, n_local, C] block ``row`` (``by="row"``) or ``col`` (``by="col"``) of the padded tokens.
+
+    forward: pad, slice (no communication); backward: the block's gradient placed in zeros.
+    """
+    index = _block_index(grid, by)
+    layout = grid.layout(x.shape[dim])
+    padded = _pad_tokens(x, dim, layout.n_padded)
+    return padded.narrow(dim, layout.block(index).start, layout.n_local)
+
+
+def gather_tokens(x: torch.Tensor, grid: "ProcessGrid", n_global: int, by: str = "row", dim: int = 1) -> torch.Tensor:
+    """The whole token tensor from blocks split ``by`` row or column block, padding removed.
+
+    x: [B, n_local, C] token block (``by="row"``: block r; ``by="col"``: block c).
+    returns: [B, N, C] replicated.
+
+    forward: all-gather across the blocks (along the col axis for row blocks, the row axis for column
+    blocks); backward: reduce-scatter.
+    """
+    _block_index(grid, by)
+    axis = "col" if by == "row" else "row"
+    full = all_gather(x, grid, axis, dim)
+    return full.narrow(dim % x.dim(), 0, n_global)
+
+
+def _block_index(grid: "ProcessGrid", by: str) -> int:
+    if by == "row":
+        return grid.row
+    if by == "col":
+        return grid.col
+    raise ValueError(f"tokens are split by 'row' or 'col' block, got {by!r}")

@@ -1,0 +1,40 @@
+"""Shared fixtures. MPI tests are marked ``@pytest.mark.mpi`` and run under ``mpirun -n P pytest --with-mpi``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def grid():
+    """The p x p grid of the whole MPI world on gloo (p = sqrt of the rank count: 1, 2 or 3 in CI)."""
+    from foldcp_hpc.distributed.grid import ProcessGrid
+
+    with ProcessGrid.create(transport="gloo", timeout_s=120) as process_grid:
+        yield process_grid
+
+
+def everywhere(grid, ok: bool) -> bool:
+    """True only if ``ok`` holds on every rank, so that all ranks pass or fail a test together.
+
+    A test that failed on one rank alone would leave the others waiting in the next test's collectives.
+    """
+    from mpi4py import MPI
+
+    return bool(grid.comm.allreduce(int(bool(ok)), op=MPI.MIN))
+
+
+def mpirun(n: int, *command: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``command`` on ``n`` local ranks through jobs/mpirun-local.sh, outside any enclosing MPI job."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+    clean.update(env or {})
+    clean["PATH"] = f"{Path(sys.executable).parent}:{clean.get('PATH', '')}"
+    return subprocess.run([str(REPO / "jobs" / "mpirun-local.sh"), "-n", str(n), *command], cwd=REPO, env=clean,
+                          capture_output=True, text=True, timeout=timeout)
