@@ -51,7 +51,7 @@ def _info(job_path: str | None, overrides: list[str]) -> int:
 
     job = load_job(job_path, overrides)
     grid_cfg, runtime_cfg = job.grid, job.runtime
-    with ProcessGrid.create(grid_cfg.p, grid_cfg.dp, transport=runtime_cfg.transport,
+    with ProcessGrid.create(grid_cfg.cp, grid_cfg.dp, backend=runtime_cfg.backend,
                             timeout_s=runtime_cfg.timeout_s) as grid:
         entry = (grid.rank, grid.replica, grid.row, grid.col, socket.gethostname(), grid.local_rank, str(grid.device))
         rank_map = grid.comm.gather(entry, root=0)

@@ -52,7 +52,7 @@ def _doc(text: str, choices: Sequence[str] | None = None, check: Any = None) -> 
 class GridConfig:
     """``[grid]``: how the ranks are laid out (dp replicas of a p x p context-parallel grid)."""
 
-    p: int | None = field(default=None, metadata=_doc(
+    cp: int | None = field(default=None, metadata=_doc(
         "Side of the context-parallel grid (p x p ranks per replica). Unset: inferred from the rank count and dp.",
         check=_positive))
     dp: int = field(default=1, metadata=_doc("Number of data-parallel replicas of the grid.", check=_positive))
@@ -60,9 +60,9 @@ class GridConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """``[runtime]``: transport, timeouts and determinism."""
+    """``[runtime]``: communication backend, timeouts and determinism."""
 
-    transport: str = field(default="auto", metadata=_doc(
+    backend: str = field(default="auto", metadata=_doc(
         "How tensors travel: nccl (one GPU per rank), gloo (CPU), host (GPU compute, messages staged through "
         "host memory; more ranks than GPUs), auto (nccl if every rank has a GPU, host if GPUs are shared, "
         "else gloo).", TRANSPORTS))
@@ -134,7 +134,7 @@ def _build_section(cls: type, table: Mapping[str, Any], source: str, section: st
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["grid.p=3", "runtime.transport=gloo"]`` -> ``{"grid": {"p": 3}, "runtime": {"transport": "gloo"}}``.
+    """``["grid.cp=3", "runtime.backend=gloo"]`` -> ``{"grid": {"cp": 3}, "runtime": {"backend": "gloo"}}``.
 
     Values are read as TOML values (``3``, ``true``, ``"x"``); a bare word that is not valid TOML is a string.
     """

@@ -18,7 +18,7 @@ passed=0 failed=0 status=0
 
 tally() {  # add the counts of pytest's closing line in $1 to the totals
   local counts
-  counts="$(grep -E '[0-9]+ (passed|failed|errors?)' "$1" | tail -n 1 | awk '
+  counts="$(grep -aE '[0-9]+ (passed|failed|errors?)' "$1" | tail -n 1 | awk '
     { for (i = 2; i <= NF; i++) { w = $i; gsub(/[^a-z]/, "", w); n = $(i - 1) + 0
         if (w == "passed") p += n; else if (w == "failed" || w == "error" || w == "errors") f += n } }
     END { print p + 0, f + 0 }')"
@@ -44,7 +44,7 @@ for n in 1 4 9; do
     status=1
     [ "$rc" = 124 ] && echo "run-tests: the $n-rank run passed its ${limit}s limit" && failed=$((failed + 1))
     for log in "$logs/$n"-rank-*.log; do
-      [ -f "$log" ] && grep -qE "FAILED|ERROR|Error" "$log" && { echo "---- $(basename "$log")"; tail -n 40 "$log"; }
+      [ -f "$log" ] && grep -aqE "FAILED|ERROR|Error" "$log" && { echo "---- $(basename "$log")"; tail -n 40 "$log"; }
     done
   fi
 done

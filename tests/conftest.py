@@ -17,7 +17,7 @@ def grid():
     """The p x p grid of the whole MPI world on gloo (p = sqrt of the rank count: 1, 2 or 3 in CI)."""
     from foldcp_hpc.distributed.grid import ProcessGrid
 
-    with ProcessGrid.create(transport="gloo", timeout_s=120) as process_grid:
+    with ProcessGrid.create(backend="gloo", timeout_s=120) as process_grid:
         yield process_grid
 
 

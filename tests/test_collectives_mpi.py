@@ -44,12 +44,12 @@ def test_grid_coordinates_and_groups(grid):
 def test_world_size_mismatch_raises_with_the_numbers(grid):
     p = grid.p + 1
     with pytest.raises(GridError, match=f"grid {p}x{p} needs a multiple of {p * p} ranks, got {grid.world_size}"):
-        ProcessGrid.create(p=p)
+        ProcessGrid.create(cp=p)
 
 
 def test_replica_grid_on_the_same_world(grid):
     """dp = world size, p = 1: every rank its own 1x1 grid, replicas along the replica axis."""
-    with ProcessGrid.create(p=1, transport="gloo") as replicas:
+    with ProcessGrid.create(cp=1, backend="gloo") as replicas:
         assert replicas.dp == grid.world_size and replicas.replica == grid.rank
         total = raw.all_reduce(torch.tensor([float(grid.rank)]), replicas, "replica")
         agree(grid, total.item() == sum(range(grid.world_size)))

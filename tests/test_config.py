@@ -18,8 +18,8 @@ def write(tmp_path, text):
 
 def test_demo_job_loads():
     job = load_job(REPO / "jobs" / "demo.toml")
-    assert job.grid == GridConfig(p=None, dp=1)
-    assert job.runtime.transport == "auto"
+    assert job.grid == GridConfig(cp=None, dp=1)
+    assert job.runtime.backend == "auto"
     assert job.source.endswith("demo.toml")
 
 
@@ -31,24 +31,24 @@ def test_defaults_without_a_file_and_frozen():
 
 
 def test_overrides_win_over_the_file(tmp_path):
-    path = write(tmp_path, "[grid]\np = 2\n[runtime]\ntransport = 'gloo'\n")
-    job = load_job(path, ["grid.p=3", "runtime.timeout_s=30", "runtime.self_check=false"])
-    assert job.grid.p == 3 and job.runtime == RuntimeConfig(transport="gloo", timeout_s=30.0, self_check=False)
+    path = write(tmp_path, "[grid]\ncp = 2\n[runtime]\nbackend = 'gloo'\n")
+    job = load_job(path, ["grid.cp=3", "runtime.timeout_s=30", "runtime.self_check=false"])
+    assert job.grid.cp == 3 and job.runtime == RuntimeConfig(backend="gloo", timeout_s=30.0, self_check=False)
 
 
 def test_parse_overrides_reads_toml_values_and_bare_words():
-    assert parse_overrides(["grid.p=3", "runtime.transport=gloo", "runtime.transport=\"host\""]) == {
-        "grid": {"p": 3}, "runtime": {"transport": "host"}}
+    assert parse_overrides(["grid.cp=3", "runtime.backend=gloo", "runtime.backend=\"host\""]) == {
+        "grid": {"cp": 3}, "runtime": {"backend": "host"}}
     with pytest.raises(ConfigError, match="override 'p=3' must look like section.key=value"):
         parse_overrides(["p=3"])
 
 
 @pytest.mark.parametrize("text,message", [
-    ("[grid]\npp = 2\n", "job.toml: [grid] has no key 'pp'; did you mean 'p'?"),
-    ("[grdi]\np = 2\n", "job.toml: unknown section [grdi]; did you mean 'grid'?"),
-    ("[runtime]\ntransport = 'ncl'\n", "job.toml: [runtime] transport: 'ncl' is not one of auto, nccl, gloo, host"),
-    ("[grid]\np = 'two'\n", "job.toml: [grid] p: expected an integer, got 'two'"),
-    ("[grid]\np = 0\n", "job.toml: [grid] p: must be positive, got 0"),
+    ("[grid]\ncpp = 2\n", "job.toml: [grid] has no key 'cpp'; did you mean 'cp'?"),
+    ("[grdi]\ncp = 2\n", "job.toml: unknown section [grdi]; did you mean 'grid'?"),
+    ("[runtime]\nbackend = 'ncl'\n", "job.toml: [runtime] backend: 'ncl' is not one of auto, nccl, gloo, host"),
+    ("[grid]\ncp = 'two'\n", "job.toml: [grid] cp: expected an integer, got 'two'"),
+    ("[grid]\ncp = 0\n", "job.toml: [grid] cp: must be positive, got 0"),
     ("[grid]\ndp = true\n", "job.toml: [grid] dp: expected an integer, got True"),
     ("[runtime]\ntimeout_s = -1\n", "job.toml: [runtime] timeout_s: must be positive, got -1.0"),
     ("[runtime]\nself_check = 1\n", "job.toml: [runtime] self_check: expected true or false, got 1"),

@@ -31,7 +31,7 @@ def test_an_exception_on_one_rank_ends_the_whole_job_quickly():
         from foldcp_hpc.distributed.grid import ProcessGrid
         from foldcp_hpc.distributed import collectives as raw
         with abort_on_error():
-            grid = ProcessGrid.create(transport="gloo", timeout_s=600)
+            grid = ProcessGrid.create(backend="gloo", timeout_s=600)
             if grid.rank == 2:
                 time.sleep(0.5)
                 raise ValueError("boom from rank 2")
@@ -48,7 +48,7 @@ def test_an_exception_on_one_rank_ends_the_whole_job_quickly():
 
 def test_a_grid_that_does_not_fit_the_world_is_reported_once():
     start = time.monotonic()
-    result = mpirun(4, *FOLDCP, "info", "jobs/demo.toml", "grid.p=3", timeout=60)
+    result = mpirun(4, *FOLDCP, "info", "jobs/demo.toml", "grid.cp=3", timeout=60)
     assert result.returncode != 0
     assert time.monotonic() - start < 30
     lines = [line for line in result.stderr.splitlines() if line.startswith("foldcp-hpc:")]
@@ -57,7 +57,7 @@ def test_a_grid_that_does_not_fit_the_world_is_reported_once():
 
 def test_a_bad_job_file_names_the_file_and_field(tmp_path):
     job = tmp_path / "bad.toml"
-    job.write_text("[runtime]\ntransprt = 'gloo'\n")
+    job.write_text("[runtime]\nbackend_ = 'gloo'\n")
     result = mpirun(4, *FOLDCP, "info", str(job), timeout=60)
     assert result.returncode != 0
-    assert f"{job}: [runtime] has no key 'transprt'; did you mean 'transport'?" in result.stderr
+    assert f"{job}: [runtime] has no key 'backend_'; did you mean 'backend'?" in result.stderr

@@ -158,15 +158,15 @@ class ProcessGrid:
 
     # ---------------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, p: int | None = None, dp: int | None = None, *, comm: "MPI.Comm | None" = None,
-               transport: str = "auto", timeout_s: float = 600.0) -> "ProcessGrid":
+    def create(cls, cp: int | None = None, dp: int | None = None, *, comm: "MPI.Comm | None" = None,
+               backend: str = "auto", timeout_s: float = 600.0) -> "ProcessGrid":
         """Lay the ranks of ``comm`` (default ``MPI.COMM_WORLD``) out as dp x p x p and start torch.distributed.
 
         Args:
-            p: grid side; inferred from the world size and ``dp`` when None.
-            dp: replica count; 1 when both are None, else inferred.
+            cp: side p of the context-parallel grid; inferred from the world size and ``dp`` when None.
+            dp: replica count; 1 when both are None, else ``world_size // cp**2``.
             comm: the MPI communicator holding exactly the ranks of the job.
-            transport: ``auto``, ``nccl``, ``gloo`` or ``host`` (see :mod:`.transport`).
+            backend: how tensors travel: ``auto``, ``nccl``, ``gloo`` or ``host`` (see :mod:`.transport`).
             timeout_s: torch.distributed timeout for every collective.
 
         Raises:
@@ -175,13 +175,13 @@ class ProcessGrid:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD if comm is None else comm
-        dp, p = infer_grid_shape(comm.Get_size(), p, dp)
+        dp, p = infer_grid_shape(comm.Get_size(), cp, dp)
         cart = comm.Create_cart([dp, p, p], periods=[False, True, True], reorder=False)
         node = cart.Split_type(MPI.COMM_TYPE_SHARED, key=cart.Get_rank())
         local_rank, local_size = node.Get_rank(), node.Get_size()
         node.Free()
 
-        transport_ = resolve_transport(transport, local_size=local_size)
+        transport_ = resolve_transport(backend, local_size=local_size)
         device = transport_.device_for(local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -212,6 +212,23 @@ class ProcessGrid:
         """Global rank of grid position (row, col) in ``replica`` (default: this rank's replica)."""
         replica = self.replica if replica is None else replica
         return grid_rank(replica, row % self.p, col % self.p, self.p)
+
+    @property
+    def cp(self) -> int:
+        """Side of the context-parallel grid (same as ``p``)."""
+        return self.p
+
+    def scatter_pair(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's tile of ``full: [B, N, N, C]`` held whole by every rank (see :func:`.autograd.scatter_pair`)."""
+        from .autograd import scatter_pair
+
+        return scatter_pair(full, self)
+
+    def gather_pair(self, tile: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """The whole ``[B, N, N, C]`` on every rank from the tiles (see :func:`.autograd.gather_pair`)."""
+        from .autograd import gather_pair
+
+        return gather_pair(tile, self, n_tokens)
 
     def layout(self, n_global: int) -> TileLayout:
         """Tile layout of an N-token pair tensor on this grid."""
