@@ -69,16 +69,11 @@ class _TransposeTiles(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, grid, dims):
         ctx.grid, ctx.dims = grid, dims
-        return _transpose_tiles(x, grid, dims)
+        return raw.transpose(x, grid, dims)
 
     @staticmethod
     def backward(ctx, grad):
-        return _transpose_tiles(grad, ctx.grid, ctx.dims), None, None
-
-
-def _transpose_tiles(x: torch.Tensor, grid: "ProcessGrid", dims: tuple[int, int]) -> torch.Tensor:
-    received = raw.exchange(x.contiguous(), grid, grid.rank_of(grid.col, grid.row))
-    return received.transpose(*dims).contiguous()  # [B,J,I,C] -> [B,I,J,C] for dims (1, 2)
+        return raw.transpose(grad, ctx.grid, ctx.dims), None, None
 
 
 def transpose_tiles(x: torch.Tensor, grid: "ProcessGrid", dims: tuple[int, int] = (1, 2)) -> torch.Tensor:

@@ -26,6 +26,7 @@ __all__ = [
     "shift",
     "start_exchange",
     "exchange",
+    "transpose",
     "all_gather",
     "reduce_scatter",
     "all_reduce",
@@ -104,6 +105,12 @@ def start_exchange(x: torch.Tensor, grid: "ProcessGrid", peer: int) -> Pending:
 def exchange(x: torch.Tensor, grid: "ProcessGrid", peer: int) -> torch.Tensor:
     """Blocking :func:`start_exchange`."""
     return start_exchange(x, grid, peer).wait()
+
+
+def transpose(x: torch.Tensor, grid: "ProcessGrid", dims: tuple[int, int] = (1, 2)) -> torch.Tensor:
+    """Tile (r, c) of the transposed pair tensor: swap tiles with rank (c, r), then swap ``dims`` locally."""
+    received = exchange(x.contiguous(), grid, grid.rank_of(grid.col, grid.row))
+    return received.transpose(*dims).contiguous()  # [B,J,I,C] -> [B,I,J,C] for dims (1, 2)
 
 
 def all_gather(x: torch.Tensor, grid: "ProcessGrid", axis: str, dim: int) -> torch.Tensor:

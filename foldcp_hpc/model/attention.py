@@ -1,0 +1,86 @@
+"""Single-track attention with pair bias (Boltz-2's ``layers/attentionv2.AttentionPairBias``) on pair tiles.
+
+s is replicated on every rank. Rank (r, c) scores the queries of token block r against the keys of block
+c with the pair bias of its own tile, keeps partial softmax statistics (max, sum, weighted values), and
+combines them along grid row r; the finished query blocks are then gathered along the grid columns, so
+every rank ends with the same full output. Padded keys are removed exactly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..distributed import autograd as cp
+from ..distributed import collectives as raw
+from .common import PAD_BIAS, at_least_f32, block_is_padding
+
+if TYPE_CHECKING:
+    from ..distributed.grid import ProcessGrid
+
+
+class _ToHeadsFirst(nn.Module):
+    """``b ... h -> b h ...`` (stands where Boltz has an einops Rearrange; no parameters)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.movedim(-1, 1)
+
+
+class AttentionPairBias(nn.Module):
+    """Attention of s over itself with a bias projected from the pair tiles; parameters named as in Boltz."""
+
+    def __init__(self, c_s: int, c_z: Optional[int] = None, num_heads: Optional[int] = None, inf: float = 1e6,
+                 compute_pair_bias: bool = True, *, grid: "ProcessGrid") -> None:
+        super().__init__()
+        if num_heads is None or c_s % num_heads:
+            raise ValueError(f"c_s={c_s} must be a multiple of num_heads={num_heads}")
+        self.grid = grid
+        self.c_s = c_s
+        self.num_heads = num_heads
+        self.head_dim = c_s // num_heads
+        self.inf = inf
+        self.proj_q = nn.Linear(c_s, c_s)
+        self.proj_k = nn.Linear(c_s, c_s, bias=False)
+        self.proj_v = nn.Linear(c_s, c_s, bias=False)
+        self.proj_g = nn.Linear(c_s, c_s, bias=False)
+        self.compute_pair_bias = compute_pair_bias
+        if compute_pair_bias:
+            self.proj_z = nn.Sequential(nn.LayerNorm(c_z), nn.Linear(c_z, num_heads, bias=False), _ToHeadsFirst())
+        else:
+            self.proj_z = _ToHeadsFirst()
+        self.proj_o = nn.Linear(c_s, c_s, bias=False)
+
+    def forward(self, s: Tensor, z: Tensor, mask: Tensor, k_in: Tensor, multiplicity: int = 1) -> Tensor:
+        """s, k_in: [B, N, C_s] replicated; z: [B, N_i, N_j, C_z] pair tile (row-block r, col-block c)
+        (or a precomputed bias tile [B, N_i, N_j, H] when ``compute_pair_bias`` is False);
+        mask: [B, N] replicated key mask. returns: [B, N, C_s] replicated.
+        """
+        grid = self.grid
+        batch, n_tokens = s.shape[0], s.shape[1]
+        heads, width = self.num_heads, self.head_dim
+
+        q = cp.scatter_tokens(self.proj_q(s), grid, by="row").view(batch, -1, heads, width)  # [B,I,H,D] block r
+        k = cp.scatter_tokens(self.proj_k(k_in), grid, by="col").view(batch, -1, heads, width)  # [B,J,H,D] block c
+        v = cp.scatter_tokens(self.proj_v(k_in), grid, by="col").view(batch, -1, heads, width)
+        key_mask = cp.scatter_tokens(at_least_f32(mask), grid, by="col")  # [B,J]
+        bias = self.proj_z(z).repeat_interleave(multiplicity, 0)  # [B,H,I,J]
+        g = self.proj_g(s).sigmoid()
+
+        with torch.autocast("cuda", enabled=False):
+            logits = torch.einsum("bihd,bjhd->bhij", at_least_f32(q), at_least_f32(k))
+            logits = logits / (width**0.5) + at_least_f32(bias)
+            logits = logits + (1 - key_mask[:, None, None]) * -self.inf
+            padding = block_is_padding(n_tokens, grid, grid.col, s.device)
+            if padding is not None:
+                logits = logits.masked_fill(padding, PAD_BIAS)
+            # partial softmax over this tile's keys, combined along the grid row
+            row_max = raw.all_reduce(logits.detach().amax(dim=-1, keepdim=True), grid, "row", op="max")
+            weights = torch.exp(logits - row_max)  # [B,H,I,J]
+            norm = cp.all_reduce(weights.sum(dim=-1), grid, "row")  # [B,H,I]
+            acc = cp.all_reduce(torch.einsum("bhij,bjhd->bihd", weights, at_least_f32(v)), grid, "row")
+            o = (acc / norm.permute(0, 2, 1)[..., None]).to(v.dtype)  # [B,I,H,D] block r
+        o = cp.gather_tokens(o, grid, n_tokens, by="row")  # [B,N,H,D] replicated
+        o = o.reshape(batch, n_tokens, self.c_s)
+        return self.proj_o(g * o)

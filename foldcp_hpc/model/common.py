@@ -1,0 +1,75 @@
+"""Helpers shared by the context-parallel layers: precision, padding masks, dropout masks, ring iteration."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+
+from ..distributed import autograd as cp
+from ..distributed import collectives as raw
+from ..distributed.layout import TileLayout
+
+if TYPE_CHECKING:
+    from ..distributed.grid import ProcessGrid
+
+# Bias that removes padded keys exactly: exp(PAD_BIAS - m) is 0 for any finite logit m of a real key, and
+# unlike -inf it keeps a block made only of padding finite (its softmax statistics are wiped out by the
+# first block holding a real key). Masked (real) tokens keep Boltz's own -inf stand-ins (1e9 / 1e6).
+PAD_BIAS = -1e30
+
+
+def at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` as Boltz writes it, except that float64 stays float64 (for exact parity tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def block_is_padding(n_tokens: int | None, grid: "ProcessGrid", block: int, device: torch.device) -> torch.Tensor | None:
+    """``[n_local]`` True at padded positions of token block ``block``; None when nothing is padded or N is unknown."""
+    if n_tokens is None:
+        return None
+    layout = TileLayout(n_tokens, grid.p)
+    if layout.n_pad == 0:
+        return None
+    return ~torch.tensor(layout.block_mask(block), dtype=torch.bool, device=device)
+
+
+def dropout_mask(dropout: float, z: torch.Tensor, training: bool, grid: "ProcessGrid", n_tokens: int,
+                 columnwise: bool = False) -> torch.Tensor | float:
+    """Boltz's row-wise (or column-wise) dropout mask, drawn for all N tokens, sliced to this tile.
+
+    Every rank draws the same ``[B, N]`` numbers from the global generator (same seed, same order), so the
+    tile-local masks equal the slices of the serial mask.
+    returns: [B, n_local, 1, 1] (rows of block r) or [B, 1, n_local, 1] (columns of block c), or 1.0 when off.
+    """
+    rate = dropout * training
+    if not training or rate == 0:
+        return 1.0
+    shape = (z.shape[0], 1, n_tokens, 1) if columnwise else (z.shape[0], n_tokens, 1, 1)
+    keep = (torch.rand(shape, dtype=torch.float32, device=z.device) >= rate) * 1.0 / (1.0 - rate)
+    keep = keep.to(z.dtype)
+    if columnwise:
+        return cp.scatter_tokens(keep, grid, by="col", dim=2)
+    return cp.scatter_tokens(keep, grid, by="row", dim=1)
+
+
+def ring(tensors: Sequence[torch.Tensor], grid: "ProcessGrid", axis: str, skew: int) -> Iterator[list[torch.Tensor]]:
+    """Yield ``tensors`` as they travel round ``axis``: first skewed by ``skew`` places, then one place per step.
+
+    Position i sees, at step t, what position ``i + skew + t`` held (an offset of -1 per step). p steps in all.
+    Under autograd every move is a differentiable :func:`ring_shift`; without autograd the next move is
+    posted before the caller works on the current tensors (the transfer overlaps the compute).
+    """
+    size = grid.axis(axis).size
+    if torch.is_grad_enabled():
+        current = [cp.ring_shift(t, grid, axis, -skew) for t in tensors]
+        for step in range(size):
+            yield current
+            if step < size - 1:
+                current = [cp.ring_shift(t, grid, axis, -1) for t in current]
+        return
+    current = [raw.shift(t.contiguous(), grid, axis, -skew) for t in tensors]
+    for step in range(size):
+        pending = [raw.start_shift(t, grid, axis, -1) for t in current] if step < size - 1 else []
+        yield current
+        current = [handle.wait() for handle in pending]

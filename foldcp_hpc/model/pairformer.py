@@ -1,0 +1,180 @@
+"""The Pairformer stack on pair tiles (Boltz-2's ``layers/pairformer.py``, v2 single track).
+
+Layer order as in Boltz: tri_mul_out, tri_mul_in, tri_att_start, tri_att_end, transition_z, then the single
+track in float32 with autocast off (pre_norm_s, AttentionPairBias, transition_s). Parameter names equal
+Boltz's, so ``load_state_dict(boltz_module.state_dict())`` works strictly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .attention import AttentionPairBias
+from .common import at_least_f32, dropout_mask
+from .transition import Transition
+from .triangular_attention import TriangleAttentionEndingNode, TriangleAttentionStartingNode
+from .triangular_mult import TriangleMultiplicationIncoming, TriangleMultiplicationOutgoing
+
+if TYPE_CHECKING:
+    from ..distributed.grid import ProcessGrid
+
+# Boltz (data/const.py): above this many tokens triangle attention runs in query chunks of 128, else 512
+CHUNK_SIZE_THRESHOLD = 384
+
+
+def tri_attn_chunk_size(n_tokens: int, training: bool) -> Optional[int]:
+    """Boltz's query-row chunk for triangle attention: None in training, 128 above 384 tokens, else 512."""
+    if training:
+        return None
+    return 128 if n_tokens > CHUNK_SIZE_THRESHOLD else 512
+
+
+class PairformerNoSeqLayer(nn.Module):
+    """The pair half of a Pairformer layer (used by the MSA and template modules)."""
+
+    def __init__(self, token_z: int, dropout: float = 0.25, pairwise_head_width: int = 32,
+                 pairwise_num_heads: int = 4, post_layer_norm: bool = False, *, grid: "ProcessGrid") -> None:
+        super().__init__()
+        self.grid = grid
+        self.token_z = token_z
+        self.dropout = dropout
+        self.post_layer_norm = post_layer_norm
+        self.tri_mul_out = TriangleMultiplicationOutgoing(token_z, grid=grid)
+        self.tri_mul_in = TriangleMultiplicationIncoming(token_z, grid=grid)
+        self.tri_att_start = TriangleAttentionStartingNode(token_z, pairwise_head_width, pairwise_num_heads,
+                                                           inf=1e9, grid=grid)
+        self.tri_att_end = TriangleAttentionEndingNode(token_z, pairwise_head_width, pairwise_num_heads,
+                                                       inf=1e9, grid=grid)
+        self.transition_z = Transition(token_z, token_z * 4)
+
+    def forward(self, z: Tensor, pair_mask: Tensor, chunk_size_tri_attn: Optional[int] = None,
+                use_kernels: bool = False, n_tokens: Optional[int] = None) -> Tensor:
+        """z: [B, N_i, N_j, C_z] pair tile (row-block r, col-block c); pair_mask: [B, N_i, N_j] the same tile.
+
+        n_tokens: the true N (needed for dropout in training and for exact treatment of padding).
+        """
+        return _pair_stack(self, z, pair_mask, chunk_size_tri_attn, n_tokens)
+
+
+def _pair_stack(layer: nn.Module, z: Tensor, pair_mask: Tensor, chunk: Optional[int], n_tokens: Optional[int]) -> Tensor:
+    grid, rate, training = layer.grid, layer.dropout, layer.training
+    if training and rate > 0 and n_tokens is None:
+        raise ValueError("dropout in training needs n_tokens (the true token count) to draw Boltz's masks")
+
+    def drop(columnwise: bool = False):
+        return dropout_mask(rate, z, training, grid, n_tokens or 0, columnwise)
+
+    z = z + drop() * layer.tri_mul_out(z, mask=pair_mask)
+    z = z + drop() * layer.tri_mul_in(z, mask=pair_mask)
+    z = z + drop() * layer.tri_att_start(z, mask=pair_mask, chunk_size=chunk, n_tokens=n_tokens)
+    z = z + drop(columnwise=True) * layer.tri_att_end(z, mask=pair_mask, chunk_size=chunk, n_tokens=n_tokens)
+    return z + layer.transition_z(z)
+
+
+class PairformerLayer(nn.Module):
+    """One Pairformer layer: the pair stack on tiles, then the single track on replicated s."""
+
+    def __init__(self, token_s: int, token_z: int, num_heads: int = 16, dropout: float = 0.25,
+                 pairwise_head_width: int = 32, pairwise_num_heads: int = 4, post_layer_norm: bool = False,
+                 v2: bool = True, *, grid: "ProcessGrid") -> None:
+        super().__init__()
+        if not v2:
+            raise ValueError("only Boltz-2's Pairformer (v2=True) is implemented; boltz 2.2.1's v1 layer fails too")
+        self.grid = grid
+        self.token_z = token_z
+        self.dropout = dropout
+        self.num_heads = num_heads
+        self.post_layer_norm = post_layer_norm
+        self.pre_norm_s = nn.LayerNorm(token_s)
+        self.attention = AttentionPairBias(token_s, token_z, num_heads, grid=grid)
+        self.tri_mul_out = TriangleMultiplicationOutgoing(token_z, grid=grid)
+        self.tri_mul_in = TriangleMultiplicationIncoming(token_z, grid=grid)
+        self.tri_att_start = TriangleAttentionStartingNode(token_z, pairwise_head_width, pairwise_num_heads,
+                                                           inf=1e9, grid=grid)
+        self.tri_att_end = TriangleAttentionEndingNode(token_z, pairwise_head_width, pairwise_num_heads,
+                                                       inf=1e9, grid=grid)
+        self.transition_s = Transition(token_s, token_s * 4)
+        self.transition_z = Transition(token_z, token_z * 4)
+        self.s_post_norm = nn.LayerNorm(token_s) if post_layer_norm else nn.Identity()
+
+    def forward(self, s: Tensor, z: Tensor, mask: Tensor, pair_mask: Tensor,
+                chunk_size_tri_attn: Optional[int] = None, use_kernels: bool = False) -> tuple[Tensor, Tensor]:
+        """s: [B, N, C_s] replicated; z: [B, N_i, N_j, C_z] pair tile (row-block r, col-block c);
+        mask: [B, N] replicated; pair_mask: [B, N_i, N_j] pair tile. returns (s, z) placed as given.
+        """
+        z = _pair_stack(self, z, pair_mask, chunk_size_tri_attn, mask.shape[1])
+        with torch.autocast("cuda", enabled=False):
+            s_normed = self.pre_norm_s(at_least_f32(s))
+            s = at_least_f32(s) + self.attention(s=s_normed, z=at_least_f32(z), mask=at_least_f32(mask), k_in=s_normed)
+            s = s + self.transition_s(s)
+            s = self.s_post_norm(s)
+        return s, z
+
+
+class PairformerModule(nn.Module):
+    """``num_blocks`` Pairformer layers on the grid; same constructor arguments as Boltz's plus ``grid``."""
+
+    def __init__(self, token_s: int, token_z: int, num_blocks: int, num_heads: int = 16, dropout: float = 0.25,
+                 pairwise_head_width: int = 32, pairwise_num_heads: int = 4, post_layer_norm: bool = False,
+                 activation_checkpointing: bool = False, v2: bool = True, *, grid: "ProcessGrid", **kwargs) -> None:
+        super().__init__()
+        self.grid = grid
+        self.token_z = token_z
+        self.num_blocks = num_blocks
+        self.dropout = dropout
+        self.num_heads = num_heads
+        self.post_layer_norm = post_layer_norm
+        self.activation_checkpointing = activation_checkpointing
+        self.layers = nn.ModuleList(
+            PairformerLayer(token_s, token_z, num_heads, dropout, pairwise_head_width, pairwise_num_heads,
+                            post_layer_norm, v2, grid=grid)
+            for _ in range(num_blocks)
+        )
+
+    def forward(self, s: Tensor, z: Tensor, mask: Tensor, pair_mask: Tensor,
+                use_kernels: bool = False) -> tuple[Tensor, Tensor]:
+        """s: [B, N, C_s] replicated; z: [B, N_i, N_j, C_z] pair tile; mask: [B, N]; pair_mask: [B, N_i, N_j] tile."""
+        chunk = tri_attn_chunk_size(mask.shape[1], self.training)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                s, z = torch.utils.checkpoint.checkpoint(layer, s, z, mask, pair_mask, chunk, use_reentrant=False)
+            else:
+                s, z = layer(s, z, mask, pair_mask, chunk)
+        return s, z
+
+
+class PairformerNoSeqModule(nn.Module):
+    """``num_blocks`` pair-only Pairformer layers on the grid (MSA and template modules)."""
+
+    def __init__(self, token_z: int, num_blocks: int, dropout: float = 0.25, pairwise_head_width: int = 32,
+                 pairwise_num_heads: int = 4, post_layer_norm: bool = False, activation_checkpointing: bool = False,
+                 *, grid: "ProcessGrid", **kwargs) -> None:
+        super().__init__()
+        self.grid = grid
+        self.token_z = token_z
+        self.num_blocks = num_blocks
+        self.dropout = dropout
+        self.post_layer_norm = post_layer_norm
+        self.activation_checkpointing = activation_checkpointing
+        self.layers = nn.ModuleList(
+            PairformerNoSeqLayer(token_z, dropout, pairwise_head_width, pairwise_num_heads, post_layer_norm, grid=grid)
+            for _ in range(num_blocks)
+        )
+
+    def forward(self, z: Tensor, pair_mask: Tensor, use_kernels: bool = False, n_tokens: Optional[int] = None) -> Tensor:
+        """z: [B, N_i, N_j, C_z] pair tile; pair_mask: [B, N_i, N_j] tile; n_tokens: the true N."""
+        if n_tokens is None:
+            n_tokens = z.shape[1] * self.grid.p  # padded N: Boltz's chunk rule only (padding then counts as masked)
+            exact_n = None
+        else:
+            exact_n = n_tokens
+        chunk = tri_attn_chunk_size(n_tokens, self.training)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                z = torch.utils.checkpoint.checkpoint(layer, z, pair_mask, chunk, False, exact_n, use_reentrant=False)
+            else:
+                z = layer(z, pair_mask, chunk, False, exact_n)
+        return z

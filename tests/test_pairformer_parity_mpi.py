@@ -1,0 +1,188 @@
+"""Context-parallel Pairformer layers against boltz 2.2.1's own modules, float64, forward and backward.
+
+At 1, 4 and 9 ranks (p = 1, 2, 3) with N not divisible by p, some masked tokens, and every parameter
+perturbed. The serial objective is sum(out * G); each rank's share is the sum over its tile (pair outputs)
+or 1/P of it (replicated outputs), so summing every rank's gradients gives the serial gradients.
+"""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+import torch
+from torch import nn
+
+import foldcp_hpc.model as ours
+from boltz_reference import float64_reference, perturb_, relative_error, shared_randn, token_mask
+from conftest import everywhere
+
+pytestmark = pytest.mark.mpi
+
+N = 13  # not divisible by 2 or 3
+B = 1
+C_Z = 8
+C_S = 16
+FORWARD_TOL = 1e-10
+GRAD_TOL = 1e-8
+
+
+def build(ref_cls, our_cls, args, kwargs, grid, seed):
+    """boltz's module with the same (perturbed) weights on every rank, and ours loaded from it strictly."""
+    torch.manual_seed(seed)
+    numpy.random.seed(seed)  # boltz's initialisers draw truncated normals from numpy's generator
+    ref = perturb_(ref_cls(*args, **kwargs).double(), seed=seed)
+    checksum = sum(float(p.double().sum()) for p in ref.parameters())
+    assert everywhere(grid, checksum == grid.comm.bcast(checksum, root=0)), "ranks built different weights"
+    mine = our_cls(*args, **kwargs, grid=grid).double()
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    return ref.eval(), mine.eval()
+
+
+def summed(grid, tensor):
+    """Sum of a tensor over all ranks (each rank's gradient of its share of the objective)."""
+    from foldcp_hpc.distributed import collectives as raw
+
+    return raw.all_reduce(tensor.contiguous(), grid, "grid", "sum")
+
+
+def compare(grid, pairs):
+    """Relative errors, each against max|ref|; for gradients the denominator is floored at 1e-6 of the test's
+    largest reference gradient, since some gradients are zero up to rounding (a bias added to every logit of
+    a softmax has none: boltz's and ours then both hold ~1e-17 noise)."""
+    largest = max(float(r.abs().max()) for name, (_, r, _) in pairs.items() if name.startswith("grad"))
+    errors = {name: relative_error(o, r, floor=1e-6 * largest if name.startswith("grad") else 0.0)
+              for name, (o, r, _) in pairs.items()}
+    bad = {name: err for name, err in errors.items() if not err <= pairs[name][2]}
+    assert everywhere(grid, not bad), f"rank {grid.rank}: {bad}"
+
+
+def run_pair_layer(grid, ref, mine, call_ref, call_ours, seed):
+    """A layer mapping (z, pair_mask) -> z update; compares output, dz and every parameter gradient."""
+    z = shared_randn(B, N, N, C_Z, seed=seed)
+    mask = token_mask(B, N, seed + 1)
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    weight = shared_randn(B, N, N, C_Z, seed=seed + 2)
+
+    z_ref = z.clone().requires_grad_()
+    with float64_reference():
+        out_ref = call_ref(ref, z_ref, pair_mask)
+    (out_ref * weight).sum().backward()
+
+    z_mine = z.clone().requires_grad_()
+    tile = grid.scatter_pair(z_mine)
+    out_tile = call_ours(mine, tile, grid.scatter_pair(pair_mask))
+    (out_tile * grid.scatter_pair(weight)).sum().backward()
+
+    pairs = {"forward": (grid.gather_pair(out_tile.detach(), N), out_ref.detach(), FORWARD_TOL),
+             "grad z": (summed(grid, z_mine.grad), z_ref.grad, GRAD_TOL)}
+    for (name, p_ref), (_, p_mine) in zip(ref.named_parameters(), mine.named_parameters()):
+        pairs[f"grad {name}"] = (summed(grid, p_mine.grad), p_ref.grad, GRAD_TOL)
+    compare(grid, pairs)
+
+
+def test_triangle_multiplication_outgoing(grid):
+    from boltz.model.layers.triangular_mult import TriangleMultiplicationOutgoing as Ref
+
+    ref, mine = build(Ref, ours.TriangleMultiplicationOutgoing, (C_Z,), {}, grid, seed=1)
+    run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z, mask=pm), lambda m, z, pm: m(z, mask=pm), seed=10)
+
+
+def test_triangle_multiplication_incoming(grid):
+    from boltz.model.layers.triangular_mult import TriangleMultiplicationIncoming as Ref
+
+    ref, mine = build(Ref, ours.TriangleMultiplicationIncoming, (C_Z,), {}, grid, seed=2)
+    run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z, mask=pm), lambda m, z, pm: m(z, mask=pm), seed=20)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_triangle_attention_starting_node(grid, chunk):
+    from boltz.model.layers.triangular_attention.attention import TriangleAttentionStartingNode as Ref
+
+    ref, mine = build(Ref, ours.TriangleAttentionStartingNode, (C_Z, 4, 2), {"inf": 1e9}, grid, seed=3)
+    run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z, mask=pm, chunk_size=chunk),
+                   lambda m, z, pm: m(z, mask=pm, chunk_size=chunk, n_tokens=N), seed=30)
+
+
+def test_triangle_attention_ending_node(grid):
+    from boltz.model.layers.triangular_attention.attention import TriangleAttentionEndingNode as Ref
+
+    ref, mine = build(Ref, ours.TriangleAttentionEndingNode, (C_Z, 4, 2), {"inf": 1e9}, grid, seed=4)
+    run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z, mask=pm, chunk_size=3),
+                   lambda m, z, pm: m(z, mask=pm, chunk_size=3, n_tokens=N), seed=40)
+
+
+def test_transition_on_tiles(grid):
+    from boltz.model.layers.transition import Transition as Ref
+
+    ref, mine = build(Ref, lambda *a, grid: ours.Transition(*a), (C_Z, 4 * C_Z), {}, grid, seed=5)
+    run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z), lambda m, z, pm: m(z), seed=50)
+
+
+def test_pairformer_noseq_module(grid):
+    from boltz.model.layers.pairformer import PairformerNoSeqModule as Ref
+
+    ref, mine = build(Ref, ours.PairformerNoSeqModule, (C_Z, 2), {"pairwise_head_width": 4, "pairwise_num_heads": 2},
+                      grid, seed=6)
+    run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z, pm), lambda m, z, pm: m(z, pm, n_tokens=N), seed=60)
+
+
+def run_single_track(grid, ref, mine, call, seed):
+    """Layers with (s, z, mask) inputs; s replicated, z tiled. Compares s, z, ds, dz and parameter gradients."""
+    s = shared_randn(B, N, C_S, seed=seed)
+    z = shared_randn(B, N, N, C_Z, seed=seed + 1)
+    mask = token_mask(B, N, seed + 2)
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    w_s = shared_randn(B, N, C_S, seed=seed + 3)
+    w_z = shared_randn(B, N, N, C_Z, seed=seed + 4)
+
+    s_ref, z_ref = s.clone().requires_grad_(), z.clone().requires_grad_()
+    with float64_reference():
+        out_s_ref, out_z_ref = call(ref, s_ref, z_ref, mask, pair_mask)
+    loss = (out_s_ref * w_s).sum() + (0 if out_z_ref is None else (out_z_ref * w_z).sum())
+    loss.backward()
+
+    s_mine, z_mine = s.clone().requires_grad_(), z.clone().requires_grad_()
+    out_s, out_z = call(mine, s_mine, grid.scatter_pair(z_mine), mask, grid.scatter_pair(pair_mask))
+    share = (out_s * w_s).sum() / grid.world_size
+    if out_z is not None:
+        share = share + (out_z * grid.scatter_pair(w_z)).sum()
+    share.backward()
+
+    pairs = {"forward s": (out_s.detach(), out_s_ref.detach(), FORWARD_TOL),
+             "grad s": (summed(grid, s_mine.grad), s_ref.grad, GRAD_TOL),
+             "grad z": (summed(grid, z_mine.grad), z_ref.grad, GRAD_TOL)}
+    if out_z is not None:
+        pairs["forward z"] = (grid.gather_pair(out_z.detach(), N), out_z_ref.detach(), FORWARD_TOL)
+    for (name, p_ref), (_, p_mine) in zip(ref.named_parameters(), mine.named_parameters()):
+        pairs[f"grad {name}"] = (summed(grid, p_mine.grad), p_ref.grad, GRAD_TOL)
+    # every rank must hold the same s
+    from foldcp_hpc.distributed import collectives as raw
+
+    first = raw.broadcast(out_s.detach().contiguous(), grid, "grid", src=0)
+    assert everywhere(grid, torch.equal(first, out_s.detach())), "s differs between ranks"
+    compare(grid, pairs)
+
+
+def test_attention_pair_bias(grid):
+    from boltz.model.layers.attentionv2 import AttentionPairBias as Ref
+
+    ref, mine = build(Ref, ours.AttentionPairBias, (C_S, C_Z, 4), {}, grid, seed=7)
+    run_single_track(grid, ref, mine, lambda m, s, z, mask, pm: (m(s=s, z=z, mask=mask, k_in=s), None), seed=70)
+
+
+@pytest.mark.parametrize("blocks", [2])
+def test_pairformer_module(grid, blocks):
+    from boltz.model.layers.pairformer import PairformerModule as Ref
+
+    kwargs = {"num_heads": 4, "pairwise_head_width": 4, "pairwise_num_heads": 2, "v2": True}
+    ref, mine = build(Ref, ours.PairformerModule, (C_S, C_Z, blocks), kwargs, grid, seed=8)
+    run_single_track(grid, ref, mine, lambda m, s, z, mask, pm: m(s, z, mask, pm), seed=80)
+
+
+def test_state_dict_names_match_boltz(grid):
+    from boltz.model.layers.pairformer import PairformerModule as Ref
+
+    ref = Ref(C_S, C_Z, 1, num_heads=4, v2=True)
+    mine = ours.PairformerModule(C_S, C_Z, 1, num_heads=4, grid=grid)
+    assert list(ref.state_dict()) == list(mine.state_dict())
+    assert isinstance(mine.layers[0].s_post_norm, nn.Identity)
