@@ -31,7 +31,7 @@ def build(ref_cls, our_cls, args, kwargs, grid, seed):
     torch.manual_seed(seed)
     numpy.random.seed(seed)  # boltz's initialisers draw truncated normals from numpy's generator
     ref = perturb_(ref_cls(*args, **kwargs).double(), seed=seed)
-    checksum = sum(float(p.double().sum()) for p in ref.parameters())
+    checksum = sum(float(p.detach().sum()) for p in ref.parameters())
     assert everywhere(grid, checksum == grid.comm.bcast(checksum, root=0)), "ranks built different weights"
     mine = our_cls(*args, **kwargs, grid=grid).double()
     mine.load_state_dict(ref.state_dict(), strict=True)
