@@ -126,7 +126,7 @@ def test_pairformer_noseq_module(grid):
     run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z, pm), lambda m, z, pm: m(z, pm, n_tokens=N), seed=60)
 
 
-def run_single_track(grid, ref, mine, call, seed):
+def run_single_track(grid, ref, mine, call, seed, rng_seed=None):
     """Layers with (s, z, mask) inputs; s replicated, z tiled. Compares s, z, ds, dz and parameter gradients."""
     s = shared_randn(B, N, C_S, seed=seed)
     z = shared_randn(B, N, N, C_Z, seed=seed + 1)
@@ -136,12 +136,16 @@ def run_single_track(grid, ref, mine, call, seed):
     w_z = shared_randn(B, N, N, C_Z, seed=seed + 4)
 
     s_ref, z_ref = s.clone().requires_grad_(), z.clone().requires_grad_()
+    if rng_seed is not None:  # dropout: both draw their masks from the global generator in the same order
+        torch.manual_seed(rng_seed)
     with float64_reference():
         out_s_ref, out_z_ref = call(ref, s_ref, z_ref, mask, pair_mask)
     loss = (out_s_ref * w_s).sum() + (0 if out_z_ref is None else (out_z_ref * w_z).sum())
     loss.backward()
 
     s_mine, z_mine = s.clone().requires_grad_(), z.clone().requires_grad_()
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
     out_s, out_z = call(mine, s_mine, grid.scatter_pair(z_mine), mask, grid.scatter_pair(pair_mask))
     share = (out_s * w_s).sum() / grid.world_size
     if out_z is not None:
@@ -177,6 +181,16 @@ def test_pairformer_module(grid, blocks):
     kwargs = {"num_heads": 4, "pairwise_head_width": 4, "pairwise_num_heads": 2, "v2": True}
     ref, mine = build(Ref, ours.PairformerModule, (C_S, C_Z, blocks), kwargs, grid, seed=8)
     run_single_track(grid, ref, mine, lambda m, s, z, mask, pm: m(s, z, mask, pm), seed=80)
+
+
+def test_pairformer_module_training_with_dropout(grid):
+    """Training mode: Boltz's row- and column-wise dropout masks, drawn for all N and sliced to the tiles."""
+    from boltz.model.layers.pairformer import PairformerModule as Ref
+
+    kwargs = {"num_heads": 4, "pairwise_head_width": 4, "pairwise_num_heads": 2, "v2": True, "dropout": 0.25}
+    ref, mine = build(Ref, ours.PairformerModule, (C_S, C_Z, 1), kwargs, grid, seed=9)
+    ref.train(), mine.train()
+    run_single_track(grid, ref, mine, lambda m, s, z, mask, pm: m(s, z, mask, pm), seed=90, rng_seed=1234)
 
 
 def test_state_dict_names_match_boltz(grid):

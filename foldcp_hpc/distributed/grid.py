@@ -264,16 +264,24 @@ class ProcessGrid:
 
 # ------------------------------------------------------------------------------------------------------------
 def _master_address(cart: Any) -> str:
-    """Address of rank 0 that every rank can reach: loopback when all ranks share rank 0's host."""
+    """Address of rank 0 that every rank can reach: loopback when all ranks share rank 0's host.
+
+    Across nodes, rank 0 takes the local address its kernel would route to another rank's host (a UDP
+    ``connect`` sends nothing), which avoids hostnames that resolve to 127.0.1.1; ``FOLDCP_MASTER_ADDR``
+    overrides.
+    """
     hostname = socket.gethostname()
     hosts = cart.allgather(hostname)
     if all(h == hosts[0] for h in hosts):
         return "127.0.0.1"
-    override = os.environ.get("FOLDCP_MASTER_ADDR")
+    address = None
     if cart.Get_rank() == 0:
-        address = override or socket.gethostbyname(hostname)
-    else:
-        address = None
+        address = os.environ.get("FOLDCP_MASTER_ADDR")
+        if not address:
+            peer = next(h for h in hosts if h != hostname)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((peer, 9))
+                address = probe.getsockname()[0]
     return cart.bcast(address, root=0)
 
 
