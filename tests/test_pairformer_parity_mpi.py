@@ -73,7 +73,10 @@ def run_pair_layer(grid, ref, mine, call_ref, call_ours, seed):
     out_tile = call_ours(mine, tile, grid.scatter_pair(pair_mask))
     (out_tile * grid.scatter_pair(weight)).sum().backward()
 
+    with torch.no_grad():  # the inference path (in-place, preallocated chunks) must agree too
+        out_inference = call_ours(mine, tile, grid.scatter_pair(pair_mask))
     pairs = {"forward": (grid.gather_pair(out_tile.detach(), N), out_ref.detach(), FORWARD_TOL),
+             "forward without autograd": (grid.gather_pair(out_inference, N), out_ref.detach(), FORWARD_TOL),
              "grad z": (summed(grid, z_mine.grad), z_ref.grad, GRAD_TOL)}
     for (name, p_ref), (_, p_mine) in zip(ref.named_parameters(), mine.named_parameters()):
         pairs[f"grad {name}"] = (summed(grid, p_mine.grad), p_ref.grad, GRAD_TOL)
@@ -147,16 +150,22 @@ def run_single_track(grid, ref, mine, call, seed, rng_seed=None):
     if rng_seed is not None:
         torch.manual_seed(rng_seed)
     out_s, out_z = call(mine, s_mine, grid.scatter_pair(z_mine), mask, grid.scatter_pair(pair_mask))
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
+    with torch.no_grad():  # the inference path (in-place, preallocated chunks) must agree too
+        inf_s, inf_z = call(mine, s, grid.scatter_pair(z), mask, grid.scatter_pair(pair_mask))
     share = (out_s * w_s).sum() / grid.world_size
     if out_z is not None:
         share = share + (out_z * grid.scatter_pair(w_z)).sum()
     share.backward()
 
     pairs = {"forward s": (out_s.detach(), out_s_ref.detach(), FORWARD_TOL),
+             "forward s without autograd": (inf_s, out_s_ref.detach(), FORWARD_TOL),
              "grad s": (summed(grid, s_mine.grad), s_ref.grad, GRAD_TOL),
              "grad z": (summed(grid, z_mine.grad), z_ref.grad, GRAD_TOL)}
     if out_z is not None:
         pairs["forward z"] = (grid.gather_pair(out_z.detach(), N), out_z_ref.detach(), FORWARD_TOL)
+        pairs["forward z without autograd"] = (grid.gather_pair(inf_z, N), out_z_ref.detach(), FORWARD_TOL)
     for (name, p_ref), (_, p_mine) in zip(ref.named_parameters(), mine.named_parameters()):
         pairs[f"grad {name}"] = (summed(grid, p_mine.grad), p_ref.grad, GRAD_TOL)
     # every rank must hold the same s

@@ -108,9 +108,12 @@ def exchange(x: torch.Tensor, grid: "ProcessGrid", peer: int) -> torch.Tensor:
 
 
 def transpose(x: torch.Tensor, grid: "ProcessGrid", dims: tuple[int, int] = (1, 2)) -> torch.Tensor:
-    """Tile (r, c) of the transposed pair tensor: swap tiles with rank (c, r), then swap ``dims`` locally."""
+    """Tile (r, c) of the transposed pair tensor: swap tiles with rank (c, r), then swap ``dims`` locally.
+
+    Returns a transposed view of the received tile (no second copy); callers needing contiguity copy.
+    """
     received = exchange(x.contiguous(), grid, grid.rank_of(grid.col, grid.row))
-    return received.transpose(*dims).contiguous()  # [B,J,I,C] -> [B,I,J,C] for dims (1, 2)
+    return received.transpose(*dims)  # [B,J,I,C] -> [B,I,J,C] for dims (1, 2)
 
 
 def all_gather(x: torch.Tensor, grid: "ProcessGrid", axis: str, dim: int) -> torch.Tensor:

@@ -38,8 +38,10 @@ def cannon_matmul(a: torch.Tensor, b: torch.Tensor, grid: "ProcessGrid") -> torc
         if step < p - 1:
             next_a = raw.start_shift(a, grid, "row", -1)  # block (r, k + 1) arrives from the right
             next_b = raw.start_shift(b, grid, "col", -1)  # block (k + 1, c) arrives from below
-        partial = torch.matmul(a, b)
-        out = partial if out is None else out.add_(partial)
+        if out is None:
+            out = torch.matmul(a, b)
+        else:  # accumulate in place: no second [*, I, J] buffer
+            out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
         if step < p - 1:
             a, b = next_a.wait(), next_b.wait()
     return out

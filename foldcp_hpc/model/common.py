@@ -73,3 +73,40 @@ def ring(tensors: Sequence[torch.Tensor], grid: "ProcessGrid", axis: str, skew: 
         pending = [raw.start_shift(t, grid, axis, -1) for t in current] if step < size - 1 else []
         yield current
         current = [handle.wait() for handle in pending]
+
+
+def row_chunks(n_rows: int, rows_per_chunk: int) -> list[slice]:
+    """``[0, n_rows)`` cut into consecutive slices of at most ``rows_per_chunk`` rows."""
+    step = max(1, rows_per_chunk)
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def rows_within(budget_elements: float, elements_per_row: int, n_rows: int) -> int:
+    """How many rows fit a transient of ``budget_elements`` (at least 1, at most ``n_rows``)."""
+    return max(1, min(n_rows, int(budget_elements // max(1, elements_per_row))))
+
+
+class ChunkWriter:
+    """Assembles chunk results along one dim: written into one preallocated tensor when autograd is off (no
+    second copy of the whole result), concatenated when it is on (so gradients flow to every chunk)."""
+
+    def __init__(self, dim: int, size: int, into: torch.Tensor | None = None):
+        """``into``: a tensor whose storage may take the results (rows it holds are read before written)."""
+        self.dim, self.size = dim, size
+        self.into = into
+        self.parts: list[torch.Tensor] = []
+        self.out: torch.Tensor | None = None
+
+    def put(self, where: slice, value: torch.Tensor) -> None:
+        if value.requires_grad:
+            self.parts.append(value)
+            return
+        if self.out is None:
+            shape = list(value.shape)
+            shape[self.dim] = self.size
+            fits = self.into is not None and self.into.dtype == value.dtype and list(self.into.shape) == shape
+            self.out = self.into if fits else value.new_empty(shape)
+        self.out.narrow(self.dim, where.start, where.stop - where.start).copy_(value)
+
+    def result(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=self.dim) if self.out is None else self.out

@@ -6,12 +6,19 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from .common import ChunkWriter, row_chunks, rows_within
+
+# The [..., hidden] activations of one row chunk stay within this fraction of the input's size.
+HIDDEN_BUDGET = 0.5
+
 
 class Transition(nn.Module):
     """Two-layer SwiGLU MLP applied to the last dim; same parameters as Boltz's ``Transition``.
 
-    x: [..., D] any placement (a pair tile or the replicated single representation); returns [..., out_dim].
-    ``chunk_size`` splits the hidden layer (Boltz's inference chunking) to bound the [..., hidden] transient.
+    x: [B, N_i, ..., D] any placement (a pair tile or the replicated single representation); returns
+    [B, N_i, ..., out_dim]. Rows of dim 1 are processed in chunks so that the hidden activations never
+    exceed half the size of x (Boltz materialises all of them: four times a pair tensor). ``chunk_size``
+    also splits the hidden layer, as Boltz's does.
     """
 
     def __init__(self, dim: int = 128, hidden: int = 512, out_dim: Optional[int] = None) -> None:
@@ -25,9 +32,23 @@ class Transition(nn.Module):
         self.hidden = hidden
 
     def forward(self, x: Tensor, chunk_size: Optional[int] = None) -> Tensor:
+        if x.dim() < 3:
+            return self._mlp(x, chunk_size)
+        per_row = x[:, :1].numel() // x.shape[-1] * self.hidden
+        rows = rows_within(HIDDEN_BUDGET * x.numel(), per_row, x.shape[1])
+        if rows == x.shape[1]:
+            return self._mlp(x, chunk_size)
+        writer = ChunkWriter(dim=1, size=x.shape[1])
+        for sl in row_chunks(x.shape[1], rows):
+            writer.put(sl, self._mlp(x[:, sl], chunk_size))
+        return writer.result()
+
+    def _mlp(self, x: Tensor, chunk_size: Optional[int]) -> Tensor:
         x = self.norm(x)
         if chunk_size is None or self.training:
-            return self.fc3(self.silu(self.fc1(x)) * self.fc2(x))
+            hidden = self.silu(self.fc1(x))
+            hidden = hidden * self.fc2(x) if hidden.requires_grad else hidden.mul_(self.fc2(x))
+            return self.fc3(hidden)
         out = None
         for start in range(0, self.hidden, chunk_size):
             stop = start + chunk_size

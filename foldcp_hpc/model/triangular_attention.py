@@ -5,12 +5,13 @@ bias 1e9 (mask[i, k] - 1):
 
     o[i, j] = sum_k softmax_k(q[i, j] . k[i, k] / sqrt(c) + mask_bias[i, k] + b[j, k]) v[i, k]
 
-On rank (r, c) the queries of the tile stay put. Keys, values and key mask of row-block r travel round
-grid row r; the bias slices b[j in block c, k in block kb] they need travel round grid column c after one
-tile transpose. Both are skewed Cannon-style so that at step t the keys of block kb = r + c + t meet the
-bias of the same block. Each step updates an online (log-sum-exp) softmax; query rows are processed in
-chunks of ``chunk_size`` as Boltz chunks them. Ending node: the same on the tile-transposed pair tensor.
-Padded keys are removed exactly (see ``common.PAD_BIAS``), so padded runs equal unpadded ones.
+On rank (r, c) the queries of the tile stay put. They are processed in chunks of rows i; for each chunk, the
+keys, values and key mask of those rows travel round grid row r (p steps, the next step's transfer in flight
+during this step's work), and each step updates an online (log-sum-exp) softmax. The bias b[j, k] for this
+tile's columns j and all keys k is gathered once per layer along grid column c after one tile transpose
+(H / C_in of a tile per grid row). Chunks are as large as keeps the logits within an eighth of a tile, and never
+larger than Boltz's ``chunk_size``. Ending node: the same on the tile-transposed pair tensor. Padded keys are
+removed exactly (see ``common.PAD_BIAS``), so padded runs equal unpadded ones.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import autograd as cp
-from .common import PAD_BIAS, block_is_padding, ring
+from .common import PAD_BIAS, ChunkWriter, block_is_padding, ring, row_chunks, rows_within
+
+# The logits of one chunk of query rows stay within this fraction of the tile's size.
+LOGITS_BUDGET = 0.125
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -71,74 +75,90 @@ class TriangleAttention(nn.Module):
         grid = self.grid
         if mask is None:
             mask = x.new_ones(x.shape[:-1])
-        if not self.starting:
-            x = cp.transpose_tiles(x, grid)
-            mask = cp.transpose_tiles(mask, grid)
-        out = self._starting(x, mask, chunk_size, n_tokens)
-        if not self.starting:
-            out = cp.transpose_tiles(out, grid)
-        return out
+        if self.starting:
+            return self._starting(x, mask, chunk_size, n_tokens)
+        # ending node: the starting node on the transposed tiles (passed on unbound, so that the transposed
+        # input is freed as soon as it is normalised)
+        out = self._starting(cp.transpose_tiles(x, grid), cp.transpose_tiles(mask, grid), chunk_size, n_tokens)
+        return cp.transpose_tiles(out, grid)
 
     def _starting(self, x: Tensor, mask: Tensor, chunk_size: Optional[int], n_tokens: Optional[int]) -> Tensor:
         grid, mha = self.grid, self.mha
         batch, n_i, n_j, _ = x.shape
         heads, width = self.no_heads, self.c_hidden
         x = self.layer_norm(x)
-
-        # Tile-local projections. q: [B,I,J,H,C]; k, v: [B,I,K,H,C] (the tile's columns are keys too)
-        q = mha.linear_q(x).view(batch, n_i, n_j, heads, width) / math.sqrt(width)
-        k = mha.linear_k(x).view(batch, n_i, n_j, heads, width)
-        v = mha.linear_v(x).view(batch, n_i, n_j, heads, width)
-        gate = mha.sigmoid(mha.linear_g(x))
         mask_bias = self.inf * (mask - 1)  # [B,I,K]
-        # the triangle bias b[j, k] for k in this tile's column block lives on the mirror tile:
-        tri_bias = cp.transpose_tiles(self.linear(x), grid)  # [B,I,J,H] of b^T: [B,K,J,H] with K = row block
 
-        q = q.permute(0, 1, 3, 2, 4)  # [B,I,J,H,C] -> [B,I,H,J,C]
-        k = k.permute(0, 1, 3, 2, 4)  # [B,I,K,H,C] -> [B,I,H,K,C]
-        v = v.permute(0, 1, 3, 2, 4)  # [B,I,K,H,C] -> [B,I,H,K,C]
-        tri_bias = tri_bias.permute(0, 3, 2, 1)  # [B,K,J,H] -> [B,H,J,K]
+        # The triangle bias b[j, k] for every k: this tile's columns j along the whole key range. b^T's tiles
+        # in grid column c hold b[j in block c, k in block r']: gather them along the column (H/C_in of a
+        # tile per grid row: p/32 of a tile for Boltz's sizes).
+        tri_bias = cp.transpose_tiles(self.linear(x), grid)  # [B,K_r,J_c,H] of b^T
+        tri_bias = cp.all_gather(tri_bias, grid, "col", dim=1)  # [B,K,J,H], K over all blocks
+        tri_bias = tri_bias.permute(0, 3, 2, 1).contiguous()  # [B,K,J,H] -> [B,H,J,K]
+        n_k = n_j
+        padding = [block_is_padding(n_tokens, grid, block, x.device) for block in range(grid.p)]
 
-        chunk = n_i if chunk_size is None else max(1, chunk_size)
-        rows = [slice(s, min(s + chunk, n_i)) for s in range(0, n_i, chunk)]
-        state: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(rows)
-
-        keys = ring([k, v, mask_bias], grid, "row", skew=grid.row)
-        biases = ring([tri_bias], grid, "col", skew=grid.col)
-        for step, ((k_t, v_t, mb_t), (b_t,)) in enumerate(zip(keys, biases)):
-            block = (grid.row + grid.col + step) % grid.p
-            padding = block_is_padding(n_tokens, grid, block, x.device)
-            for index, sl in enumerate(rows):
+        # Query rows in chunks; each chunk's keys, values and key mask travel round the grid row.
+        budget = LOGITS_BUDGET * n_i * n_j * self.c_in  # logits of a chunk stay within a fraction of a tile
+        rows = rows_within(budget, batch * heads * n_j * n_k, n_i)
+        if chunk_size is not None:
+            rows = min(rows, chunk_size)
+        out = ChunkWriter(dim=1, size=n_i)
+        for sl in row_chunks(n_i, rows):
+            x_rows = x[:, sl]
+            ci = x_rows.shape[1]
+            q = (mha.linear_q(x_rows) / math.sqrt(width)).view(batch, ci, n_j, heads, width)
+            k = mha.linear_k(x_rows).view(batch, ci, n_k, heads, width)
+            v = mha.linear_v(x_rows).view(batch, ci, n_k, heads, width)
+            q = q.permute(0, 1, 3, 2, 4).contiguous()  # [B,i,J,H,C] -> [B,i,H,J,C]
+            k = k.permute(0, 1, 3, 2, 4).contiguous()  # [B,i,K,H,C] -> [B,i,H,K,C]
+            v = v.permute(0, 1, 3, 2, 4).contiguous()
+            state = None
+            for step, (k_t, v_t, mb_t) in enumerate(ring([k, v, mask_bias[:, sl].contiguous()], grid, "row", skew=0)):
+                block = (grid.col + step) % grid.p  # keys of block c + t are here now
                 # logits [B,i,H,J,K]: q.k, then the mask bias, then the triangle bias (Boltz's order)
-                logits = torch.einsum("bihjc,bihkc->bihjk", q[:, sl], k_t[:, sl])
-                logits = logits + mb_t[:, sl, None, None, :]
-                logits = logits + b_t[:, None]
-                if padding is not None:
-                    logits = logits.masked_fill(padding, PAD_BIAS)
-                state[index] = _merge(state[index], logits, v_t[:, sl])
-        o = torch.cat([acc / norm for _, norm, acc in state], dim=1)  # [B,I,H,J,C]
-        o = o.permute(0, 1, 3, 2, 4)  # [B,I,H,J,C] -> [B,I,J,H,C]
-        o = o * gate.view(batch, n_i, n_j, heads, width)
-        return mha.linear_o(o.reshape(batch, n_i, n_j, heads * width))
+                logits = torch.einsum("bihjc,bihkc->bihjk", q, k_t)
+                bias_t = tri_bias[..., block * n_k:(block + 1) * n_k]
+                if logits.requires_grad:
+                    logits = logits + mb_t[:, :, None, None, :]
+                    logits = logits + bias_t[:, None]
+                    if padding[block] is not None:
+                        logits = logits.masked_fill(padding[block], PAD_BIAS)
+                else:
+                    logits.add_(mb_t[:, :, None, None, :]).add_(bias_t[:, None])
+                    if padding[block] is not None:
+                        logits.masked_fill_(padding[block], PAD_BIAS)
+                state = _merge(state, logits, v_t)
+            _, norm, acc = state
+            o = acc / norm if acc.requires_grad else acc.div_(norm)  # [B,i,H,J,C]
+            o = o.permute(0, 1, 3, 2, 4)  # [B,i,H,J,C] -> [B,i,J,H,C]
+            gate = mha.sigmoid(mha.linear_g(x_rows)).view(batch, ci, n_j, heads, width)
+            o = o * gate
+            out.put(sl, mha.linear_o(o.reshape(batch, ci, n_j, heads * width)))
+        return out.result()
 
 
 def _merge(state: tuple[Tensor, Tensor, Tensor] | None, logits: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One online-softmax step. logits: [B,i,H,J,K]; v: [B,i,H,K,C]; state: (max, sum, weighted values).
 
     The running max only stabilises the exponentials; the result does not depend on it, so it carries no
-    gradient.
+    gradient. Without autograd the logits become the weights in place.
     """
     block_max = logits.detach().amax(dim=-1, keepdim=True)  # [B,i,H,J,1]
+    new_max = block_max if state is None else torch.maximum(state[0], block_max)
+    if logits.requires_grad:
+        weights = torch.exp(logits - new_max)
+    else:
+        weights = logits.sub_(new_max).exp_()
+    block_sum = weights.sum(-1, keepdim=True)
+    block_acc = torch.einsum("bihjk,bihkc->bihjc", weights, v)
     if state is None:
-        weights = torch.exp(logits - block_max)
-        return block_max, weights.sum(-1, keepdim=True), torch.einsum("bihjk,bihkc->bihjc", weights, v)
+        return new_max, block_sum, block_acc
     run_max, norm, acc = state
-    new_max = torch.maximum(run_max, block_max)
     scale = torch.exp(run_max - new_max)
-    weights = torch.exp(logits - new_max)
-    norm = norm * scale + weights.sum(-1, keepdim=True)
-    acc = acc * scale + torch.einsum("bihjk,bihkc->bihjc", weights, v)
-    return new_max, norm, acc
+    if block_acc.requires_grad or acc.requires_grad:
+        return new_max, norm * scale + block_sum, acc * scale + block_acc
+    return new_max, norm.mul_(scale).add_(block_sum), acc.mul_(scale).add_(block_acc)
 
 
 class TriangleAttentionStartingNode(TriangleAttention):

@@ -1,0 +1,101 @@
+"""Benchmarks that print tables: ``python -m foldcp_hpc.bench pairformer --n 192 --ranks 1,4,9``.
+
+``pairformer`` times one Pairformer layer forward (Boltz-2 sizes: C_s 384, C_z 128, 16 heads, triangle
+attention 4 x 32, inference mode, Boltz's query chunking) on grids of 1, 4, 9, ... ranks, each run started
+through a launcher (default: jobs/mpirun-local.sh), and boltz's own ``PairformerLayer`` on the same input in
+the one-rank run. It prints per-rank peak memory (the bytes a rank held above what it held before the call:
+the layer's input excluded, its output and every transient included), the wall time of the slowest rank,
+and both as ratios against p = 1 and against boltz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MIB = 1024 * 1024
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m foldcp_hpc.bench", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("pairformer", "pairformer-worker"):
+        sub = commands.add_parser(name, help="one Pairformer layer forward" if name == "pairformer" else argparse.SUPPRESS)
+        sub.add_argument("--n", type=int, default=192, help="tokens N (default 192)")
+        sub.add_argument("--c-s", type=int, default=384)
+        sub.add_argument("--c-z", type=int, default=128)
+        sub.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
+        sub.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+        sub.add_argument("--backend", default="auto", help="grid backend: auto, gloo, nccl, host")
+        sub.add_argument("--repeats", type=int, default=1, help="timed runs after the measured one")
+        sub.add_argument("--no-boltz", action="store_true", help="skip boltz's layer")
+        if name == "pairformer":
+            sub.add_argument("--ranks", default="1,4,9", help="comma-separated rank counts (squares)")
+            sub.add_argument("--launcher", default=str(REPO / "jobs" / "mpirun-local.sh"),
+                             help="command that starts N ranks when given '-n N' (default jobs/mpirun-local.sh)")
+            sub.add_argument("--json", help="also write the rows to this file")
+        else:
+            sub.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "pairformer-worker":
+        from .pairformer import run_worker
+
+        run_worker(args)
+        return 0
+    return _drive(args)
+
+
+def _drive(args: argparse.Namespace) -> int:
+    rows = []
+    worker_args = [f"--n={args.n}", f"--c-s={args.c_s}", f"--c-z={args.c_z}", f"--dtype={args.dtype}",
+                   f"--device={args.device}", f"--backend={args.backend}", f"--repeats={args.repeats}"]
+    if args.no_boltz:
+        worker_args.append("--no-boltz")
+    for ranks in (int(r) for r in args.ranks.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "rows.json"
+            command = [*shlex.split(args.launcher), "-n", str(ranks), sys.executable, "-m", "foldcp_hpc.bench",
+                       "pairformer-worker", *worker_args, f"--out={out}"]
+            env = dict(os.environ, PYTHONUNBUFFERED="1", MALLOC_MMAP_THRESHOLD_="65536")
+            done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+            if done.returncode != 0 or not out.exists():
+                sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+                raise SystemExit(f"bench: the {ranks}-rank run failed (exit {done.returncode})")
+            rows.extend(json.loads(out.read_text()))
+    _print_table(rows, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    base = next((r for r in rows if r["impl"] == "foldcp_hpc" and r["ranks"] == 1), None)
+    boltz = next((r for r in rows if r["impl"] == "boltz"), None)
+    print(f"One Pairformer layer forward: N={args.n}, C_s={args.c_s}, C_z={args.c_z}, {args.dtype}, "
+          f"{args.device}, device of rank 0: {rows[0]['device_name']}")
+    header = (f"{'impl':<11} {'ranks':>5} {'grid':>5} {'peak/rank MiB min':>17} {'median':>8} {'max':>8} "
+              f"{'peak vs p=1':>11} {'time s':>8} {'time vs boltz':>13}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        peaks = [p / MIB for p in r["peak_bytes"]]
+        ratio = f"{max(r['peak_bytes']) / max(base['peak_bytes']):.3f}" if base else "-"
+        vs_boltz = f"{r['seconds'] / boltz['seconds']:.2f}" if boltz else "-"
+        print(f"{r['impl']:<11} {r['ranks']:>5} {r['grid']:>5} {min(peaks):>17.1f} {statistics.median(peaks):>8.1f} "
+              f"{max(peaks):>8.1f} {ratio:>11} {r['seconds']:>8.3f} {vs_boltz:>13}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The per-rank worker of ``python -m foldcp_hpc.bench pairformer``: one layer forward on this rank's tiles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .memory import measure, timed
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _inputs(n_tokens: int, n_local: int, c_s: int, c_z: int, dtype, device, seed: int):
+    """Random s [1, N, C_s] (replicated), this rank's z tile [1, n, n, C_z], masks; nothing N x N is made."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    s = torch.randn(1, n_tokens, c_s, generator=generator).to(device=device, dtype=dtype)
+    z = torch.randn(1, n_local, n_local, c_z, generator=generator).to(device=device, dtype=dtype)
+    mask = torch.ones(1, n_tokens, device=device, dtype=dtype)
+    pair_mask = torch.ones(1, n_local, n_local, device=device, dtype=dtype)
+    return s, z, mask, pair_mask
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    from ..distributed import ProcessGrid
+    from ..distributed.autograd import take_tile
+    from ..model.pairformer import PairformerLayer, tri_attn_chunk_size
+
+    dtype = DTYPES[args.dtype]
+    backend = args.backend
+    if args.device == "cpu" and backend == "auto":
+        backend = "gloo"
+    rows = []
+    with ProcessGrid.create(backend=backend) as grid, torch.no_grad():
+        device = grid.device
+        layout = grid.layout(args.n)
+        chunk = tri_attn_chunk_size(args.n, training=False)
+        torch.manual_seed(0)
+        layer = PairformerLayer(args.c_s, args.c_z, v2=True, grid=grid).to(device=device, dtype=dtype).eval()
+        s, z, mask, pair_mask = _inputs(args.n, layout.n_local, args.c_s, args.c_z, dtype, device, seed=grid.rank)
+        # the real tokens of the tile: padding rows/columns are masked as scatter_pair would leave them
+        valid = torch.ones(1, args.n, 1, device=device, dtype=dtype)
+        pair_mask = take_tile(valid * valid.transpose(1, 2), grid.p, grid.row, grid.col).squeeze(-1) * pair_mask
+
+        def ours():
+            return layer(s, z, mask, pair_mask, chunk)
+
+        measure(ours, device)  # warm-up: first calls fill one-time caches that are not the layer's memory
+        _, peak = measure(ours, device)
+        grid.barrier()
+        _, seconds = timed(ours, device, max(1, args.repeats))
+        seconds = grid.comm.allreduce(seconds, op=_max())
+        peaks = grid.comm.gather(peak, root=0)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        rows.append({"impl": "foldcp_hpc", "ranks": grid.world_size, "grid": f"{grid.p}x{grid.p}", "n": args.n,
+                     "peak_bytes": peaks, "seconds": seconds, "device_name": name, "dtype": args.dtype})
+        if grid.world_size == 1 and not args.no_boltz:
+            rows.append(_boltz_row(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name))
+    if grid.rank == 0:
+        Path(args.out).write_text(json.dumps(rows))
+
+
+def _boltz_row(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name) -> dict:
+    from boltz.model.layers.pairformer import PairformerLayer as BoltzLayer
+
+    ref = BoltzLayer(args.c_s, args.c_z, v2=True).to(device=device, dtype=dtype).eval()
+    ref.load_state_dict(layer.state_dict())
+
+    def boltz():
+        return ref(s, z, mask, pair_mask, chunk)
+
+    measure(boltz, device)  # warm-up, as for ours
+    _, peak = measure(boltz, device)
+    _, seconds = timed(boltz, device, max(1, args.repeats))
+    return {"impl": "boltz", "ranks": 1, "grid": "-", "n": args.n, "peak_bytes": [peak], "seconds": seconds,
+            "device_name": name, "dtype": args.dtype}
+
+
+def _max():
+    from mpi4py import MPI
+
+    return MPI.MAX
