@@ -18,7 +18,7 @@ from conftest import everywhere
 
 pytestmark = pytest.mark.mpi
 
-N = 13  # not divisible by 2 or 3
+N = 37  # not divisible by 2 or 3
 B = 1
 C_Z = 8
 C_S = 16
@@ -121,12 +121,15 @@ def test_transition_on_tiles(grid):
     run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z), lambda m, z, pm: m(z), seed=50)
 
 
-def test_pairformer_noseq_module(grid):
+@pytest.mark.parametrize("tell_n", [True, False])
+def test_pairformer_noseq_module(grid, tell_n):
+    """With n_tokens given, or taken from what grid.scatter_pair recorded (boltz's own forward arguments)."""
     from boltz.model.layers.pairformer import PairformerNoSeqModule as Ref
 
     ref, mine = build(Ref, ours.PairformerNoSeqModule, (C_Z, 2), {"pairwise_head_width": 4, "pairwise_num_heads": 2},
                       grid, seed=6)
-    run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z, pm), lambda m, z, pm: m(z, pm, n_tokens=N), seed=60)
+    extra = {"n_tokens": N} if tell_n else {}
+    run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z, pm), lambda m, z, pm: m(z, pm, **extra), seed=60)
 
 
 def run_single_track(grid, ref, mine, call, seed, rng_seed=None):

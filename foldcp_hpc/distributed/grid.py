@@ -135,6 +135,7 @@ class ProcessGrid:
         device: this rank's compute device.
         comm: the Cartesian MPI communicator (dims dp, p, p).
         local_rank, local_size: position among the ranks on this node.
+        n_tokens: N of the last pair tensor given to :meth:`scatter_pair` (None before).
     """
 
     def __init__(self, *, comm: Any, dp: int, p: int, transport: Transport, device: torch.device,
@@ -155,6 +156,7 @@ class ProcessGrid:
         self.grid_group = groups["grid"]
         self._owns_torch = owns_torch
         self._destroyed = False
+        self.n_tokens: int | None = None
 
     # ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -219,10 +221,23 @@ class ProcessGrid:
         return self.p
 
     def scatter_pair(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's tile of ``full: [B, N, N, C]`` held whole by every rank (see :func:`.autograd.scatter_pair`)."""
+        """This rank's tile of ``full: [B, N, N, C]`` held whole by every rank (see :func:`.autograd.scatter_pair`).
+
+        Records N as ``n_tokens``: layers called without ``n_tokens`` take it from there to tell padding
+        from masked tokens.
+        """
         from .autograd import scatter_pair
 
+        self.n_tokens = full.shape[1]
         return scatter_pair(full, self)
+
+    def padding_for(self, n_local: int, n_tokens: int | None = None) -> int | None:
+        """The true N for tiles of ``n_local`` rows: ``n_tokens`` if given, else the one recorded by
+        :meth:`scatter_pair` when it fits tiles of that size, else None (padding then counts as masked)."""
+        n = self.n_tokens if n_tokens is None else n_tokens
+        if n is None or self.layout(n).n_local != n_local:
+            return None
+        return n
 
     def gather_pair(self, tile: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """The whole ``[B, N, N, C]`` on every rank from the tiles (see :func:`.autograd.gather_pair`)."""

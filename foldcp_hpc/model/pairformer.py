@@ -61,6 +61,7 @@ class PairformerNoSeqLayer(nn.Module):
 
 def _pair_stack(layer: nn.Module, z: Tensor, pair_mask: Tensor, chunk: Optional[int], n_tokens: Optional[int]) -> Tensor:
     grid, rate, training = layer.grid, layer.dropout, layer.training
+    n_tokens = grid.padding_for(z.shape[1], n_tokens)
     if training and rate > 0 and n_tokens is None:
         raise ValueError("dropout in training needs n_tokens (the true token count) to draw Boltz's masks")
 
@@ -165,13 +166,10 @@ class PairformerNoSeqModule(nn.Module):
         )
 
     def forward(self, z: Tensor, pair_mask: Tensor, use_kernels: bool = False, n_tokens: Optional[int] = None) -> Tensor:
-        """z: [B, N_i, N_j, C_z] pair tile; pair_mask: [B, N_i, N_j] tile; n_tokens: the true N."""
-        if n_tokens is None:
-            n_tokens = z.shape[1] * self.grid.p  # padded N: Boltz's chunk rule only (padding then counts as masked)
-            exact_n = None
-        else:
-            exact_n = n_tokens
-        chunk = tri_attn_chunk_size(n_tokens, self.training)
+        """z: [B, N_i, N_j, C_z] pair tile; pair_mask: [B, N_i, N_j] tile; n_tokens: the true N (default: the N
+        recorded by the grid's ``scatter_pair``)."""
+        exact_n = self.grid.padding_for(z.shape[1], n_tokens)
+        chunk = tri_attn_chunk_size(z.shape[1] * self.grid.p if exact_n is None else exact_n, self.training)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 z = torch.utils.checkpoint.checkpoint(layer, z, pair_mask, chunk, False, exact_n, use_reentrant=False)

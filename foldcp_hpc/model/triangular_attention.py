@@ -68,11 +68,13 @@ class TriangleAttention(nn.Module):
         """x: [B, N_i, N_j, C] pair tile (row-block r, col-block c); mask: [B, N_i, N_j] the same tile.
 
         chunk_size: query rows per chunk (None: all local rows at once).
-        n_tokens: the true N; padded keys are then removed exactly. Without it, padding counts as masked,
-            which changes nothing at unmasked positions.
+        n_tokens: the true N; padded keys are then removed exactly. Default: the N recorded by the grid's
+            ``scatter_pair``; without either, padding counts as masked, which changes nothing at unmasked
+            positions.
         returns: [B, N_i, N_j, C] update of the same tile.
         """
         grid = self.grid
+        n_tokens = grid.padding_for(x.shape[1], n_tokens)
         if mask is None:
             mask = x.new_ones(x.shape[:-1])
         if self.starting:
