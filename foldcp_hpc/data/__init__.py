@@ -1,0 +1,1 @@
+"""Inputs: parsing, tokens, sharded features, MSAs, CCD molecules and Boltz-2 weights."""
