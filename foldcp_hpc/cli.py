@@ -3,8 +3,10 @@
     mpirun -n 4 foldcp-hpc info jobs/demo.toml [section.key=value ...]
 
 Commands
-    info      build the grid of a job, print it (rank map, groups, transport, devices) and run the
-              collective self-check.
+    info       build the grid of a job, print it (rank map, groups, transport, devices) and run the
+               collective self-check.
+    featurize  check and parse the job's input, compute its features (rank 0) and every rank's pair-feature
+               tile, and print a summary: what a run would fold, and the per-rank memory of the features.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print the grid, rank map and transport; run the collective self-check")
     info.add_argument("job", nargs="?", help="job file (TOML); defaults apply without one")
     info.add_argument("overrides", nargs="*", metavar="section.key=value", help="override job-file values")
+
+    featurize = commands.add_parser("featurize", help="check and featurize the job's input; print a summary")
+    featurize.add_argument("job", help="job file (TOML) with an [input] section")
+    featurize.add_argument("overrides", nargs="*", metavar="section.key=value", help="override job-file values")
     return parser
 
 
@@ -39,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     with abort_on_error(args.traceback or None):
         if args.command == "info":
             return _info(args.job, args.overrides)
+        if args.command == "featurize":
+            from .featurize import run_featurize
+
+            return run_featurize(args.job, args.overrides)
     return 0
 
 

@@ -27,7 +27,7 @@ else:  # pragma: no cover - Python 3.10
 from .distributed.transport import TRANSPORTS
 from .errors import UniformError
 
-__all__ = ["ConfigError", "GridConfig", "RuntimeConfig", "JobConfig", "load_job", "parse_overrides"]
+__all__ = ["ConfigError", "GridConfig", "RuntimeConfig", "InputConfig", "JobConfig", "load_job", "parse_overrides"]
 
 
 class ConfigError(UniformError):
@@ -74,15 +74,36 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class InputConfig:
+    """``[input]``: what to fold and where the offline CCD molecules are cached."""
+
+    path: str | None = field(default=None, metadata=_doc(
+        "Boltz input: a .yaml (Boltz's schema) or a .fasta file; relative paths are read from the job file's folder."))
+    ccd_cache: str = field(default="~/.cache/foldcp_hpc/ccd", metadata=_doc(
+        "Folder of CCD molecules in Boltz's mols/ layout (a Boltz cache's mols/ folder works); molecules missing "
+        "there are built from biotite's CCD and added."))
+    max_tokens: int | None = field(default=None, metadata=_doc(
+        "Refuse inputs with more tokens than this (unset: no limit).", check=_positive))
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A whole job: one attribute per section."""
 
     grid: GridConfig = field(default_factory=GridConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    input: InputConfig = field(default_factory=InputConfig)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
+    def resolve(self, path: str) -> Path:
+        """A path from the job file, made absolute against the job file's folder (``~`` expanded)."""
+        candidate = Path(path).expanduser()
+        if candidate.is_absolute() or self.source == "<defaults>":
+            return candidate
+        return Path(self.source).parent / candidate
 
-SECTIONS: dict[str, type] = {"grid": GridConfig, "runtime": RuntimeConfig}
+
+SECTIONS: dict[str, type] = {"grid": GridConfig, "runtime": RuntimeConfig, "input": InputConfig}
 
 
 # ------------------------------------------------------------------------------------------------------------

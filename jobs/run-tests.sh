@@ -11,7 +11,7 @@ py="$repo/.venv/bin/python"
 [ -x "$py" ] || { echo "run-tests: no .venv; run jobs/setup-env.sh first" >&2; exit 2; }
 logs="$repo/.cache/test-logs"
 mkdir -p "$logs"
-rm -f "$logs"/*.log
+rm -rf "$logs"/*.log "$logs"/tmp-*
 limit="${FOLDCP_TEST_TIMEOUT:-900}"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 passed=0 failed=0 status=0
@@ -34,9 +34,11 @@ tally "$logs/serial.log"
 
 for n in 1 4 9; do
   echo "== MPI tests on $n rank(s)"
+  # each rank gets its own pytest temporary folder: pytest would otherwise prune folders other ranks still use
   timeout --kill-after=30 "$limit" "$repo/jobs/mpirun-local.sh" -n "$n" bash -c '
-    if [ "${OMPI_COMM_WORLD_RANK:-0}" = 0 ]; then exec "$@"; fi
-    exec "$@" >"'"$logs"'/'"$n"'-rank-${OMPI_COMM_WORLD_RANK}.log" 2>&1' _ \
+    rank=${OMPI_COMM_WORLD_RANK:-0}
+    if [ "$rank" = 0 ]; then exec "$@" --basetemp="'"$logs"'/tmp-'"$n"'-0"; fi
+    exec "$@" --basetemp="'"$logs"'/tmp-'"$n"'-$rank" >"'"$logs"'/'"$n"'-rank-$rank.log" 2>&1' _ \
     "$py" -m pytest --with-mpi -m mpi --color=no -q -p no:cacheprovider "$@" tests 2>&1 | tee "$logs/mpi-$n.log"
   rc=${PIPESTATUS[0]}
   tally "$logs/mpi-$n.log"

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the job-file checks read TRANSPORTS without it
+    import torch
 
 __all__ = ["Transport", "resolve_transport", "TRANSPORTS"]
 
@@ -40,25 +42,29 @@ class Transport:
         """True when messages are copied to host memory before sending (``host``)."""
         return self.name == "host"
 
-    def device_for(self, local_rank: int) -> torch.device:
+    def device_for(self, local_rank: int) -> "torch.device":
         """Compute device of the rank with node-local rank ``local_rank``."""
+        import torch
+
         if self.name == "gloo":
             return torch.device("cpu")
         return torch.device("cuda", local_rank % self.n_gpus)
 
-    def to_wire(self, tensor: torch.Tensor) -> torch.Tensor:
+    def to_wire(self, tensor: "torch.Tensor") -> "torch.Tensor":
         """The tensor as it is sent: contiguous, and on the host for ``host``."""
         if self.staged and tensor.is_cuda:
             return tensor.detach().to("cpu", copy=True).contiguous()
         return tensor.contiguous()
 
-    def wire_like(self, tensor: torch.Tensor, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+    def wire_like(self, tensor: "torch.Tensor", shape: "torch.Size | tuple[int, ...] | None" = None) -> "torch.Tensor":
         """An empty receive buffer matching ``tensor`` (or ``shape``) where the wire lives."""
+        import torch
+
         shape = tensor.shape if shape is None else shape
         device = torch.device("cpu") if self.staged else tensor.device
         return torch.empty(shape, dtype=tensor.dtype, device=device)
 
-    def from_wire(self, received: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def from_wire(self, received: "torch.Tensor", like: "torch.Tensor") -> "torch.Tensor":
         """A received tensor moved back to the device of ``like``."""
         if received.device != like.device:
             return received.to(like.device, non_blocking=False)
@@ -75,6 +81,8 @@ def resolve_transport(name: str, *, local_size: int, n_gpus: int | None = None) 
     if name not in TRANSPORTS:
         raise ValueError(f"unknown transport {name!r}; expected one of {', '.join(TRANSPORTS)}")
     if n_gpus is None:
+        import torch
+
         n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if name == "auto":
         name = "gloo" if n_gpus == 0 else ("nccl" if local_size <= n_gpus else "host")
