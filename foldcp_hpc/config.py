@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -84,6 +85,8 @@ class InputConfig:
         "there are built from biotite's CCD and added."))
     max_tokens: int | None = field(default=None, metadata=_doc(
         "Refuse inputs with more tokens than this (unset: no limit).", check=_positive))
+    max_msa_seqs: int = field(default=8192, metadata=_doc(
+        "Rows read from each chain's MSA file (Boltz's --max_msa_seqs).", check=_positive))
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class JobConfig:
         candidate = Path(path).expanduser()
         if candidate.is_absolute() or self.source == "<defaults>":
             return candidate
-        return Path(self.source).parent / candidate
+        return Path(os.path.normpath(Path(self.source).parent / candidate))
 
 
 SECTIONS: dict[str, type] = {"grid": GridConfig, "runtime": RuntimeConfig, "input": InputConfig}

@@ -22,7 +22,7 @@ __all__ = ["run_featurize", "features_of"]
 MIB = 1024 * 1024
 
 
-def features_of(path, cache_dir, max_tokens: int | None = None) -> tuple["Features", dict]:
+def features_of(path, cache_dir, max_tokens: int | None = None, max_msa_seqs: int = 8192) -> tuple["Features", dict]:
     """Parse, tokenize and featurize one input on this rank; returns the features and a summary."""
     parsed = parse_input(path, cache_dir)  # first: its checks need neither torch nor boltz's parser
 
@@ -31,9 +31,11 @@ def features_of(path, cache_dir, max_tokens: int | None = None) -> tuple["Featur
     from boltz.data.types import Input
 
     from .data.features import featurize
+    from .data.msa import load_msas
 
     target = parsed.target
-    data = Input(structure=target.structure, msa={}, record=target.record,
+    msas = load_msas(target, parsed.path, max_msa_seqs)
+    data = Input(structure=target.structure, msa=msas, record=target.record,
                  residue_constraints=target.residue_constraints, templates=target.templates,
                  extra_mols=target.extra_mols)
     tokenized = Boltz2Tokenizer().tokenize(data)
@@ -47,7 +49,8 @@ def features_of(path, cache_dir, max_tokens: int | None = None) -> tuple["Featur
     chains = target.structure.chains
     summary = {"chains": len(chains), "tokens": n_tokens, "atoms": int(features.atom["atom_pad_mask"].sum()),
                "atoms_padded": features.n_atoms, "bonds": int(len(features.bonds)),
-               "constraint_writes": len(features.contacts)}
+               "constraint_writes": len(features.contacts), "msa_rows": features.msa.n_rows,
+               "msa_chains": len(msas)}
     return features, summary
 
 
@@ -63,14 +66,16 @@ def run_featurize(job_path: str, overrides: list[str]) -> int:
     world = MPI.COMM_WORLD
     package = None
     if world.Get_rank() == 0:
-        package = features_of(job.resolve(job.input.path), job.resolve(job.input.ccd_cache), job.input.max_tokens)
+        package = features_of(job.resolve(job.input.path), job.resolve(job.input.ccd_cache), job.input.max_tokens,
+                              job.input.max_msa_seqs)
     features, summary = world.bcast(package, root=0)
     from .distributed.grid import ProcessGrid
 
     with ProcessGrid.create(job.grid.cp, job.grid.dp, backend=job.runtime.backend,
                             timeout_s=job.runtime.timeout_s) as grid:
         tile = features.pair_tile(grid.p, grid.row, grid.col)
-        tile_bytes = sum(t.numel() * t.element_size() for t in tile.values())
+        msa_block = features.msa_block(grid.p, grid.row, grid.col)
+        tile_bytes = sum(t.numel() * t.element_size() for t in (*tile.values(), *msa_block))
         one_d = sum(t.numel() * t.element_size() for part in (features.token, features.atom) for t in part.values())
         seconds = time.perf_counter() - start
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -80,9 +85,10 @@ def run_featurize(job_path: str, overrides: list[str]) -> int:
             return 0
         print(f"input {job.resolve(job.input.path)}: {summary['chains']} chains, {summary['tokens']} tokens, "
               f"{summary['atoms']} atoms ({summary['atoms_padded']} padded to windows of 32), "
-              f"{summary['bonds']} token bonds, {summary['constraint_writes']} constraint writes")
+              f"{summary['bonds']} token bonds, {summary['constraint_writes']} constraint writes, "
+              f"MSA of {summary['msa_rows']} rows ({summary['msa_chains']} chains with an MSA file)")
         n_local = grid.layout(summary["tokens"]).n_local
-        print(f"grid {grid.p}x{grid.p}: pair tiles of {n_local}x{n_local} tokens; pair features per rank "
+        print(f"grid {grid.p}x{grid.p}: pair tiles of {n_local}x{n_local} tokens; pair features and MSA block per rank "
               f"{min(tiles) / MIB:.2f}-{max(tiles) / MIB:.2f} MiB, token and atom features "
               f"{one_d / MIB:.2f} MiB on every rank; {seconds:.1f} s")
         peaks = sorted(peaks)

@@ -58,7 +58,7 @@ INPUTS = {
               token2: [C, 2]
               max_distance: 8.0
     """,
-    "cyclic_peptide_and_ions": """
+    "cyclic_peptide_ions_smiles": """
         version: 1
         sequences:
           - protein:
@@ -73,6 +73,9 @@ INPUTS = {
           - ligand:
               id: [C, D]
               ccd: ZN
+          - ligand:
+              id: E
+              smiles: "CC(=O)Oc1ccccc1C(=O)O"
     """,
 }
 
@@ -151,7 +154,7 @@ def dense_from(features, n_classes):
     return out
 
 
-SAME_AS_BOLTZ = ["token_index", "residue_index", "asym_id", "entity_id", "sym_id", "mol_type", "res_type",
+SAME_AS_BOLTZ = ["profile", "token_index", "residue_index", "asym_id", "entity_id", "sym_id", "mol_type", "res_type",
                  "disto_center", "token_pad_mask", "token_resolved_mask", "token_disto_mask", "method_feature",
                  "modified", "cyclic_period", "affinity_token_mask"]
 ATOM_SAME_AS_BOLTZ = ["ref_pos", "atom_resolved_mask", "ref_charge", "ref_chirality", "ref_space_uid", "coords",
@@ -183,6 +186,12 @@ def test_features_equal_boltz_at_p1(name, mol_dir, tmp_path):
         same(key, dense, ref[key])
     for key, tile in ours.boltz_pair_tile(1, 0, 0).items():
         same(key, tile, ref[key])
+    for key, value in ours.template.items():
+        same(key, value, ref[key])
+    msa, deletion, paired = ours.msa_block(1, 0, 0)
+    same("msa", msa, ref["msa"])
+    same("msa_paired", paired, ref["msa_paired"])
+    same("has_deletion", deletion > 0, ref["has_deletion"])
     assert not problems, problems
 
 
@@ -191,7 +200,7 @@ def test_the_mixed_input_exercises_bonds_and_constraints(mol_dir, tmp_path):
     ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
     assert len(ours.bonds) > 10 and ours.any_contact and len(ours.contacts) >= 4
     assert set(ours.token["mol_type"].tolist()) == {0, 1, 2, 3}
-    tokenized, molecules, pockets, contacts = tokenize("cyclic_peptide_and_ions", mol_dir, tmp_path)
+    tokenized, molecules, pockets, contacts = tokenize("cyclic_peptide_ions_smiles", mol_dir, tmp_path)
     ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
     assert ours.token["cyclic_period"].max() == 8 and not ours.any_contact
 
@@ -206,3 +215,48 @@ def test_pair_tiles_equal_the_serial_features(grid, mol_dir, tmp_path_factory):
     ok = all(torch.equal(tiles[k], take_tile(ref[k].unsqueeze(0), grid.p, grid.row, grid.col)[0])
              for k in ("token_bonds", "type_bonds", "contact_conditioning", "contact_threshold"))
     assert everywhere(grid, ok)
+
+
+def synthetic_templates(n_tokens: int, n_templates: int = 2, seed: int = 0) -> dict:
+    """Template features of boltz's shapes with random geometry, masks and visibility (no structure file needed)."""
+    g = torch.Generator().manual_seed(seed)
+    rot = torch.linalg.qr(torch.randn(n_templates, n_tokens, 3, 3, generator=g))[0]
+    restype = torch.randint(0, 33, (n_templates, n_tokens), generator=g)
+    mask = (torch.rand(n_templates, n_tokens, generator=g) > 0.3).float()
+    return {
+        "template_restype": torch.nn.functional.one_hot(restype, 33),
+        "template_frame_rot": rot,
+        "template_frame_t": 10 * torch.randn(n_templates, n_tokens, 3, generator=g),
+        "template_cb": 15 * torch.randn(n_templates, n_tokens, 3, generator=g),
+        "template_ca": 15 * torch.randn(n_templates, n_tokens, 3, generator=g),
+        "template_mask_cb": mask,
+        "template_mask_frame": (torch.rand(n_templates, n_tokens, generator=g) > 0.3).float(),
+        "template_mask": mask,
+        "visibility_ids": torch.randint(-3, 2, (n_templates, n_tokens), generator=g).float(),
+    }
+
+
+def boltz_template_pair_features(template: dict) -> torch.Tensor:
+    """The input of ``a_proj`` in boltz's TemplateV2Module, captured with a forward hook: [T, N, N, 109]."""
+    from boltz.model.modules.trunkv2 import TemplateV2Module
+
+    module = TemplateV2Module(token_z=8, template_dim=4, template_blocks=1)
+    captured = {}
+    module.a_proj.register_forward_hook(lambda m, args, out: captured.update(a=args[0]))  # returns None
+    n_tokens = template["template_mask"].shape[1]
+    feats = {k: v[None] for k, v in template.items()}
+    with torch.no_grad():
+        module(torch.zeros(1, n_tokens, n_tokens, 8), feats, torch.ones(1, n_tokens, n_tokens))
+    return captured["a"][0]
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_template_pair_tiles_equal_boltz(p):
+    from foldcp_hpc.data.features import template_pair_tile
+
+    n_tokens = 29
+    template = synthetic_templates(n_tokens)
+    full = boltz_template_pair_features(template)
+    for row in range(p):
+        for col in range(p):
+            assert torch.equal(template_pair_tile(template, p, row, col), take_tile(full, p, row, col)), (p, row, col)

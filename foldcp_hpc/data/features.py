@@ -21,7 +21,7 @@ Inputs are boltz's own ``Tokenized`` data (its parser and tokenizer are O(atoms)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -29,7 +29,10 @@ from torch import Tensor
 
 from ..distributed.layout import TileLayout
 
-__all__ = ["Features", "PairWrites", "featurize"]
+__all__ = ["Features", "PairWrites", "featurize", "template_pair_tile"]
+
+if TYPE_CHECKING:
+    from .msa import MSAPlan
 
 ATOMS_PER_WINDOW = 32
 
@@ -68,6 +71,10 @@ class Features:
         contacts: the pocket and contact constraint writes, in Boltz's order.
         any_contact: whether any constraint wrote anything (Boltz then marks untouched pairs UNSELECTED,
             otherwise every pair is UNSPECIFIED).
+        msa: the MSA row plan (:mod:`.msa`); ``token`` then also holds ``profile`` and ``deletion_mean``.
+        template: Boltz's template features, ``[T, N, ...]`` (O(T N): computed with boltz's own functions;
+            the pair terms are built from them in the model, tile by tile). One all-zero template when the
+            input has none, as Boltz does.
     """
 
     token: dict[str, Tensor]
@@ -75,6 +82,20 @@ class Features:
     bonds: Tensor
     contacts: PairWrites
     any_contact: bool
+    msa: Optional["MSAPlan"] = None
+    template: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+
+    def msa_block(self, p: int, row: int, col: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Rank (row, col)'s MSA block: rows block ``col`` of token block ``row``, padded with gaps.
+
+        returns (msa [s, n] token ids, deletion counts [s, n], paired [s, n]) with s = ceil(S / p),
+        n = ceil(N / p); ``msa_mask`` is 1 on real rows and tokens.
+        """
+        if self.msa is None:
+            raise ValueError("these features were made without an MSA plan")
+        tokens = TileLayout(self.n_tokens, p).block(row)
+        rows = TileLayout(self.msa.n_rows, p).block(col)
+        return self.msa.block(rows, tokens)
 
     @property
     def n_tokens(self) -> int:
@@ -148,17 +169,34 @@ class Features:
 # ------------------------------------------------------------------------------------------------------------
 def featurize(tokenized: Any, molecules: dict[str, Any], random: np.random.Generator,
               pocket_constraints: Optional[list] = None, contact_constraints: Optional[list] = None,
-              override_method: Optional[str] = None) -> Features:
+              override_method: Optional[str] = None, with_msa: bool = True) -> Features:
     """Token and atom features of a tokenized input, as Boltz-2's inference featurizer computes them.
 
     tokenized: boltz's ``Tokenized`` (from ``Boltz2Tokenizer().tokenize``); molecules: CCD code -> RDKit Mol;
     random: the generator Boltz uses for conformer choice (``np.random.default_rng(42)`` at inference);
     the reference-conformer augmentation draws from torch's global generator, as Boltz's does.
     """
+    from .msa import plan_msa
+
     token, bonds, contacts, any_contact = _token_features(tokenized, pocket_constraints, contact_constraints,
                                                           override_method)
     atom = _atom_features(tokenized, molecules, random)
-    return Features(token=token, atom=atom, bonds=bonds, contacts=contacts, any_contact=any_contact)
+    plan = None
+    if with_msa:  # after the atom features: Boltz draws nothing random for the MSA at inference
+        plan = plan_msa(tokenized)
+        token["profile"], token["deletion_mean"] = plan.profile_and_deletion_mean(slice(0, len(tokenized.tokens)))
+    return Features(token=token, atom=atom, bonds=bonds, contacts=contacts, any_contact=any_contact, msa=plan,
+                    template=_template_features(tokenized))
+
+
+def _template_features(data: Any) -> dict[str, Tensor]:
+    """Boltz's template features (per template and token: O(T N)), or its single all-zero template."""
+    from boltz.data.feature.featurizerv2 import load_dummy_templates_features, process_template_features
+
+    n_tokens = data.tokens.shape[0]
+    if data.templates:
+        return process_template_features(data=data, max_tokens=n_tokens)
+    return load_dummy_templates_features(tdim=1, num_tokens=n_tokens)
 
 
 def _token_features(data: Any, pocket_constraints, contact_constraints, override_method):
@@ -397,3 +435,47 @@ def _frame(token: Any, atoms: np.ndarray, const: Any) -> tuple[int, int, int, bo
             found.append((index, bool(atoms[index]["is_present"]) if hit.any() else False))
         return found[0][0], found[1][0], found[2][0], all(ok for _, ok in found)
     return 0, 0, 0, False
+
+
+def template_pair_tile(template: dict[str, Tensor], p: int, row: int, col: int, min_dist: float = 3.25,
+                       max_dist: float = 50.75, num_bins: int = 38) -> Tensor:
+    """Tile (row, col) of the template pair features that Boltz-2's ``TemplateV2Module`` projects with ``a_proj``.
+
+    template: Boltz's template features, ``[T, N, ...]`` (``Features.template``).
+    returns: [T, n, n, num_bins + 1 + 3 + 1 + 2 * 33] float32, n = ceil(N / p), for query rows i of block ``row``
+    and columns j of block ``col``: one-hot of the binned distance |cb_i - cb_j|, cb pair mask, unit vector of
+    ca_i in the frame of j, frame pair mask (all zeroed where i and j are not visible to each other), then the
+    template residue types of i and of j. Padded rows and columns are zero. Built from the 1-D features of the
+    tile's rows and columns only.
+    """
+    n_tokens = template["template_mask"].shape[1]
+    layout = TileLayout(n_tokens, p)
+    rows, cols = layout.valid(row), layout.valid(col)
+    n = layout.n_local
+
+    def pick(key: str, sl: slice) -> Tensor:
+        return template[key][:, sl]
+
+    cb_i, cb_j = pick("template_cb", rows), pick("template_cb", cols)
+    dists = torch.cdist(cb_i, cb_j)  # [T, i, j]
+    boundaries = torch.linspace(min_dist, max_dist, num_bins - 1)
+    distogram = torch.nn.functional.one_hot((dists[..., None] > boundaries).sum(dim=-1).long(), num_classes=num_bins)
+    cb_mask = (pick("template_mask_cb", rows)[:, :, None] * pick("template_mask_cb", cols)[:, None, :])[..., None]
+    frame_mask = (pick("template_mask_frame", rows)[:, :, None] * pick("template_mask_frame", cols)[:, None, :])[..., None]
+    visible = (pick("visibility_ids", rows)[:, :, None] == pick("visibility_ids", cols)[:, None, :]).float()
+
+    # as Boltz indexes it: entry (i, j) holds R_j^T (ca_i - t_j), ca of i in the frame of j
+    rot = pick("template_frame_rot", cols).unsqueeze(1).transpose(-1, -2)  # [T, 1, j, 3, 3]
+    origin = pick("template_frame_t", cols).unsqueeze(1).unsqueeze(-1)  # [T, 1, j, 3, 1]
+    ca = pick("template_ca", rows).unsqueeze(2).unsqueeze(-1)  # [T, i, 1, 3, 1]
+    vector = torch.matmul(rot, ca - origin)
+    norm = torch.norm(vector, dim=-1, keepdim=True)
+    unit = torch.where(norm > 0, vector / norm, torch.zeros_like(vector)).squeeze(-1)  # [T, i, j, 3]
+
+    features = torch.cat([distogram, cb_mask, unit, frame_mask], dim=-1) * visible.unsqueeze(-1)
+    res_i = pick("template_restype", rows)[:, :, None].expand(-1, -1, cols.stop - cols.start, -1)
+    res_j = pick("template_restype", cols)[:, None, :].expand(-1, rows.stop - rows.start, -1, -1)
+    features = torch.cat([features, res_i, res_j], dim=-1)
+    out = torch.zeros(features.shape[0], n, n, features.shape[-1], dtype=features.dtype)
+    out[:, : features.shape[1], : features.shape[2]] = features
+    return out
