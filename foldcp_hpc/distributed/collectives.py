@@ -149,6 +149,12 @@ def reduce_scatter(x: torch.Tensor, grid: "ProcessGrid", axis: str, dim: int) ->
     return transport.from_wire(wire.narrow(dim, group.index * chunk, chunk).contiguous(), x)
 
 
+def _own_wire(x: torch.Tensor, grid: "ProcessGrid") -> torch.Tensor:
+    """``x`` as sent, in a buffer of its own (in-place collectives must not write into the caller's tensor)."""
+    wire = grid.transport.to_wire(x)
+    return wire.clone() if wire.data_ptr() == x.data_ptr() else wire
+
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -157,11 +163,9 @@ def all_reduce(x: torch.Tensor, grid: "ProcessGrid", axis: str, op: str = "sum")
     group = grid.axis(axis)
     if group.size == 1:
         return x
-    transport = grid.transport
-    wire = transport.to_wire(x)
-    wire = wire.clone() if wire.data_ptr() == x.data_ptr() else wire
+    wire = _own_wire(x, grid)
     dist.all_reduce(wire, op=_OPS[op], group=group.group)
-    return transport.from_wire(wire, x)
+    return grid.transport.from_wire(wire, x)
 
 
 def broadcast(x: torch.Tensor, grid: "ProcessGrid", axis: str, src: int = 0) -> torch.Tensor:
@@ -169,11 +173,9 @@ def broadcast(x: torch.Tensor, grid: "ProcessGrid", axis: str, src: int = 0) -> 
     group = grid.axis(axis)
     if group.size == 1:
         return x
-    transport = grid.transport
-    wire = transport.to_wire(x)
-    wire = wire.clone() if wire.data_ptr() == x.data_ptr() else wire
+    wire = _own_wire(x, grid)
     dist.broadcast(wire, src=group.global_rank(src), group=group.group)
-    return transport.from_wire(wire, x)
+    return grid.transport.from_wire(wire, x)
 
 
 def reduce(x: torch.Tensor, grid: "ProcessGrid", axis: str, dst: int = 0) -> torch.Tensor:
@@ -181,13 +183,11 @@ def reduce(x: torch.Tensor, grid: "ProcessGrid", axis: str, dst: int = 0) -> tor
     group = grid.axis(axis)
     if group.size == 1:
         return x
-    transport = grid.transport
-    wire = transport.to_wire(x)
-    wire = wire.clone() if wire.data_ptr() == x.data_ptr() else wire
+    wire = _own_wire(x, grid)
     dist.reduce(wire, dst=group.global_rank(dst), group=group.group)
     if group.index != dst:
         return torch.zeros_like(x)
-    return transport.from_wire(wire, x)
+    return grid.transport.from_wire(wire, x)
 
 
 def gather_to(x: torch.Tensor, grid: "ProcessGrid", axis: str, dst: int = 0) -> list[torch.Tensor] | None:
