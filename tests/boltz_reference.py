@@ -9,17 +9,18 @@ import torch
 
 @contextmanager
 def float64_reference():
-    """Make ``Tensor.float()`` keep float64 tensors while boltz's modules run.
+    """Make ``Tensor.float()`` give float64 while boltz's modules run.
 
-    boltz casts with ``.float()`` inside its layers (the triangle contraction, the single track), which in a
-    float64 module fails with mixed dtypes; the reference must run wholly in float64 to compare at 1e-10.
+    boltz casts with ``.float()`` inside its layers (the triangle contraction, the single track, one-hot
+    features), which in a float64 module fails with mixed dtypes; the reference must run wholly in float64 to
+    compare at 1e-10.
     """
     original = torch.Tensor.float
 
-    def keep_float64(self, *args, **kwargs):
-        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
+    def to_float64(self, *args, **kwargs):
+        return self if self.dtype == torch.float64 else self.double()
 
-    torch.Tensor.float = keep_float64
+    torch.Tensor.float = to_float64
     try:
         yield
     finally:
