@@ -56,12 +56,12 @@ def compare(grid, pairs):
     assert everywhere(grid, not bad), f"rank {grid.rank}: {bad}"
 
 
-def run_pair_layer(grid, ref, mine, call_ref, call_ours, seed):
-    """A layer mapping (z, pair_mask) -> z update; compares output, dz and every parameter gradient."""
+def run_pair_layer(grid, ref, mine, call_ref, call_ours, seed, out_channels=C_Z):
+    """A layer mapping (z, pair_mask) -> a pair output; compares output, dz and every parameter gradient."""
     z = shared_randn(B, N, N, C_Z, seed=seed)
     mask = token_mask(B, N, seed + 1)
     pair_mask = mask[:, :, None] * mask[:, None, :]
-    weight = shared_randn(B, N, N, C_Z, seed=seed + 2)
+    weight = shared_randn(B, N, N, out_channels, seed=seed + 2)
 
     z_ref = z.clone().requires_grad_()
     with float64_reference():
@@ -112,6 +112,16 @@ def test_triangle_attention_ending_node(grid):
     ref, mine = build(Ref, ours.TriangleAttentionEndingNode, (C_Z, 4, 2), {"inf": 1e9}, grid, seed=4)
     run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z, mask=pm, chunk_size=3),
                    lambda m, z, pm: m(z, mask=pm, chunk_size=3, n_tokens=N), seed=40)
+
+
+def test_distogram_head(grid):
+    from boltz.model.modules.trunkv2 import DistogramModule as Ref
+
+    from foldcp_hpc.model.distogram import DistogramModule
+
+    ref, mine = build(Ref, DistogramModule, (C_Z, 16), {}, grid, seed=11)
+    call = lambda m, z, pm: m(z).flatten(-2)  # noqa: E731 - [B,I,J,D,bins] -> [B,I,J,D*bins]
+    run_pair_layer(grid, ref, mine, call, call, seed=110, out_channels=16)
 
 
 def test_transition_on_tiles(grid):
