@@ -1,0 +1,55 @@
+"""MSA-module layers on the grid (MSA rows block c of token block r on rank (r, c)) against boltz, float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from boltz_reference import float64_reference, perturb_, relative_error, shared_randn, token_mask
+from conftest import everywhere
+from foldcp_hpc.distributed.autograd import take_tile
+from test_pairformer_parity_mpi import build, summed
+
+pytestmark = pytest.mark.mpi
+
+N, S, C_M, C_Z = 37, 11, 8, 8
+
+
+def msa_block(full, grid):
+    """Rows block c, tokens block r of a replicated [B, S, N, ...] tensor, zero-padded."""
+    s_layout, n_layout = grid.layout(full.shape[1]), grid.layout(full.shape[2])
+    padded = F.pad(full, [0, 0] * (full.dim() - 3) + [0, n_layout.n_pad, 0, s_layout.n_pad])
+    return padded[:, s_layout.block(grid.col), n_layout.block(grid.row)]
+
+
+def test_outer_product_mean(grid):
+    from boltz.model.layers.outer_product_mean import OuterProductMean as Ref
+
+    from foldcp_hpc.model.outer_product_mean import OuterProductMean
+
+    ref, mine = build(Ref, OuterProductMean, (C_M, 4, C_Z), {}, grid, seed=21)
+    m = shared_randn(1, S, N, C_M, seed=22)
+    mask = token_mask(1, N, 23)[:, None, :] * (torch.rand(1, S, N, generator=torch.Generator().manual_seed(24)) > 0.1)
+    mask = mask.double()
+    weight = shared_randn(1, N, N, C_Z, seed=25)
+
+    m_ref = m.clone().requires_grad_()
+    with float64_reference():
+        out_ref = ref(m_ref, mask)
+    (out_ref * weight).sum().backward()
+
+    m_mine = m.clone().requires_grad_()
+    out = mine(msa_block(m_mine, grid), msa_block(mask, grid))
+    (out * take_tile(weight, grid.p, grid.row, grid.col)).sum().backward()
+
+    layout = grid.layout(N)
+    valid = (slice(None), layout.valid_local(grid.row), layout.valid_local(grid.col))
+    expected = take_tile(out_ref.detach(), grid.p, grid.row, grid.col)
+    errors = {"forward": relative_error(out.detach()[valid], expected[valid]) if expected[valid].numel() else 0.0,
+              "grad m": relative_error(summed(grid, m_mine.grad), m_ref.grad)}
+    largest = max(float(p.grad.abs().max()) for p in ref.parameters())
+    for (name, p_ref), (_, p_mine) in zip(ref.named_parameters(), mine.named_parameters()):
+        errors[f"grad {name}"] = relative_error(summed(grid, p_mine.grad, p_mine), p_ref.grad, floor=1e-6 * largest)
+    bad = {k: v for k, v in errors.items() if not v <= (1e-10 if k == "forward" else 1e-8)}
+    assert everywhere(grid, not bad), bad
