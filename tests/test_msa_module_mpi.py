@@ -53,3 +53,38 @@ def test_outer_product_mean(grid):
         errors[f"grad {name}"] = relative_error(summed(grid, p_mine.grad, p_mine), p_ref.grad, floor=1e-6 * largest)
     bad = {k: v for k, v in errors.items() if not v <= (1e-10 if k == "forward" else 1e-8)}
     assert everywhere(grid, not bad), bad
+
+
+def test_pair_weighted_averaging(grid):
+    from boltz.model.layers.pair_averaging import PairWeightedAveraging as Ref
+
+    from foldcp_hpc.model.pair_averaging import PairWeightedAveraging
+
+    ref, mine = build(Ref, PairWeightedAveraging, (C_M, C_Z, 4, 2), {}, grid, seed=31)
+    m = shared_randn(1, S, N, C_M, seed=32)
+    z = shared_randn(1, N, N, C_Z, seed=33)
+    token = token_mask(1, N, 34)
+    pair_mask = token[:, :, None] * token[:, None, :]
+    weight = shared_randn(1, S, N, C_M, seed=35)
+
+    m_ref, z_ref = m.clone().requires_grad_(), z.clone().requires_grad_()
+    with float64_reference():
+        out_ref = ref(m_ref, z_ref, pair_mask)
+    (out_ref * weight).sum().backward()
+
+    m_mine, z_mine = m.clone().requires_grad_(), z.clone().requires_grad_()
+    out = mine(msa_block(m_mine, grid), take_tile(z_mine, grid.p, grid.row, grid.col),
+               take_tile(pair_mask, grid.p, grid.row, grid.col), n_tokens=N)
+    (out * msa_block(weight, grid)).sum().backward()
+
+    s_valid = grid.layout(S).valid_local(grid.col)
+    n_valid = grid.layout(N).valid_local(grid.row)
+    expected = msa_block(out_ref.detach(), grid)[:, s_valid, n_valid]
+    errors = {"forward": relative_error(out.detach()[:, s_valid, n_valid], expected) if expected.numel() else 0.0,
+              "grad m": relative_error(summed(grid, m_mine.grad), m_ref.grad),
+              "grad z": relative_error(summed(grid, z_mine.grad), z_ref.grad)}
+    largest = max(float(p.grad.abs().max()) for p in ref.parameters())
+    for (name, p_ref), (_, p_mine) in zip(ref.named_parameters(), mine.named_parameters()):
+        errors[f"grad {name}"] = relative_error(summed(grid, p_mine.grad, p_mine), p_ref.grad, floor=1e-6 * largest)
+    bad = {k: v for k, v in errors.items() if not v <= (1e-10 if k == "forward" else 1e-8)}
+    assert everywhere(grid, not bad), bad
