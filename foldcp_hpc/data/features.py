@@ -97,6 +97,16 @@ class Features:
         rows = TileLayout(self.msa.n_rows, p).block(col)
         return self.msa.block(rows, tokens)
 
+    def msa_model_block(self, p: int, row: int, col: int) -> dict[str, Tensor]:
+        """Rank (row, col)'s MSA block as the MSA module reads it, each [1, s, n]: ``msa``, ``has_deletion``,
+        ``deletion_value`` (pi/2 atan(d/3)), ``msa_paired``, ``msa_mask`` (0 on padding rows and tokens)."""
+        msa, deletion, paired = self.msa_block(p, row, col)
+        mask = torch.zeros(msa.shape, dtype=torch.long)
+        mask[: TileLayout(self.msa.n_rows, p).valid_local(col).stop, : TileLayout(self.n_tokens, p).valid_local(row).stop] = 1
+        return {"msa": msa[None], "has_deletion": (deletion > 0)[None],
+                "deletion_value": (np.pi / 2 * torch.arctan(deletion / 3))[None], "msa_paired": paired[None],
+                "msa_mask": mask[None]}
+
     @property
     def n_tokens(self) -> int:
         return int(self.token["token_index"].shape[0])

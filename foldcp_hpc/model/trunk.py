@@ -1,0 +1,94 @@
+"""Boltz-2's trunk on the grid, from s_inputs to (s, z tiles, distogram tiles).
+
+    s_init = s_init(s_inputs); z_init = pair initialisation (tiles)
+    repeat recycling_steps + 1 times:
+        s = s_init + s_recycle(s_norm(s)); z = z_init + z_recycle(z_norm(z))
+        z = z + template_module(z); z = z + msa_module(z, s_inputs, MSA block)
+        s, z = pairformer(s, z)
+    distogram = distogram_module(z)
+
+Submodules carry Boltz-2's names; :meth:`Trunk.boltz_state` maps a Boltz-2 state dict onto them (the pair
+initialisation's parameters sit at Boltz-2's top level). The input embedder (atoms) is not part of this
+module: it is given ``s_inputs``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .distogram import DistogramModule
+from .msa_module import MSAModule
+from .pair_init import PairInitializer
+from .pairformer import PairformerModule
+from .template import TemplateV2Module
+
+if TYPE_CHECKING:
+    from ..distributed.grid import ProcessGrid
+
+
+class Trunk(nn.Module):
+    """The Boltz-2 trunk on tiles, built from ``Boltz2``'s hyper-parameters (``hparams``)."""
+
+    def __init__(self, hparams: dict[str, Any], *, grid: "ProcessGrid") -> None:
+        super().__init__()
+        self.grid = grid
+        token_s, token_z = hparams["token_s"], hparams["token_z"]
+        self.s_init = nn.Linear(token_s, token_s, bias=False)
+        self.pair_init = PairInitializer(
+            token_s, token_z, grid=grid, fix_sym_check=hparams.get("fix_sym_check", False),
+            cyclic_pos_enc=hparams.get("cyclic_pos_enc", False),
+            bond_type_feature=hparams.get("bond_type_feature", False),
+            conditioning_cutoff_min=hparams.get("conditioning_cutoff_min", 4.0),
+            conditioning_cutoff_max=hparams.get("conditioning_cutoff_max", 20.0))
+        self.s_norm = nn.LayerNorm(token_s)
+        self.z_norm = nn.LayerNorm(token_z)
+        self.s_recycle = nn.Linear(token_s, token_s, bias=False)
+        self.z_recycle = nn.Linear(token_z, token_z, bias=False)
+        self.use_templates = hparams.get("use_templates", False)
+        if self.use_templates:
+            if not hparams.get("use_templates_v2", False):
+                raise ValueError("only Boltz-2's template module v2 is implemented on the grid")
+            self.template_module = TemplateV2Module(token_z, **hparams["template_args"], grid=grid)
+        self.msa_module = MSAModule(token_z=token_z, token_s=token_s, **hparams["msa_args"], grid=grid)
+        self.pairformer_module = PairformerModule(token_s, token_z, **hparams["pairformer_args"], grid=grid)
+        self.distogram_module = DistogramModule(token_z, hparams["num_bins"], grid=grid)
+
+    def boltz_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This module's entries of a Boltz-2 state dict, under this module's names."""
+        mine = {}
+        for name in self.state_dict():
+            source = name[len("pair_init."):] if name.startswith("pair_init.") else name
+            mine[name] = state[source]
+        return mine
+
+    def forward(self, s_inputs: Tensor, token: dict[str, Tensor], pair: dict[str, Tensor],
+                template: dict[str, Tensor], msa: dict[str, Tensor], n_msa_rows: int,
+                recycling_steps: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """s_inputs: [B, N, C_s] replicated; token: 1-D token features [B, N] (incl. ``token_pad_mask``);
+        pair: this rank's pair-feature tile [B, n, n]; template: template features [T, N, ...]; msa: this
+        rank's MSA block [B, S_c, N_r] (msa, has_deletion, deletion_value, msa_paired, msa_mask).
+
+        returns: s [B, N, C_s] replicated, z [B, n, n, C_z] pair tile, distogram logits [B, n, n, 1, bins] tile.
+        """
+        grid = self.grid
+        n_tokens = s_inputs.shape[1]
+        mask = token["token_pad_mask"].to(s_inputs.dtype)  # [B, N]
+        layout = grid.layout(n_tokens)
+        padded = torch.nn.functional.pad(mask, (0, layout.n_pad))
+        pair_mask = (padded[:, layout.block(grid.row), None] * padded[:, None, layout.block(grid.col)])
+
+        s_init = self.s_init(s_inputs)
+        z_init, _ = self.pair_init(s_inputs, token, pair)
+        s = torch.zeros_like(s_init)
+        z = torch.zeros_like(z_init)
+        for _ in range(recycling_steps + 1):
+            s = s_init + self.s_recycle(self.s_norm(s))
+            z = z_init + self.z_recycle(self.z_norm(z))
+            if self.use_templates:
+                z = z + self.template_module(z, template, pair_mask, n_tokens=n_tokens)
+            z = z + self.msa_module(z, s_inputs, msa, pair_mask, n_rows=n_msa_rows)
+            s, z = self.pairformer_module(s, z, mask=mask, pair_mask=pair_mask)
+        return s, z, self.distogram_module(z)
