@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from boltz_reference import float64_reference, perturb_, relative_error, shared_randn, token_mask
-from conftest import everywhere
+from boltz_reference import float64_reference, shared_randn, token_mask
 from foldcp_hpc.distributed.autograd import take_tile
-from test_pairformer_parity_mpi import build, summed
+from test_pairformer_parity_mpi import FORWARD_TOL, GRAD_TOL, build, compare, parameter_pairs, summed
 
 pytestmark = pytest.mark.mpi
 
@@ -46,13 +45,9 @@ def test_outer_product_mean(grid):
     layout = grid.layout(N)
     valid = (slice(None), layout.valid_local(grid.row), layout.valid_local(grid.col))
     expected = take_tile(out_ref.detach(), grid.p, grid.row, grid.col)
-    errors = {"forward": relative_error(out.detach()[valid], expected[valid]) if expected[valid].numel() else 0.0,
-              "grad m": relative_error(summed(grid, m_mine.grad), m_ref.grad)}
-    largest = max(float(p.grad.abs().max()) for p in ref.parameters())
-    for (name, p_ref), (_, p_mine) in zip(ref.named_parameters(), mine.named_parameters()):
-        errors[f"grad {name}"] = relative_error(summed(grid, p_mine.grad, p_mine), p_ref.grad, floor=1e-6 * largest)
-    bad = {k: v for k, v in errors.items() if not v <= (1e-10 if k == "forward" else 1e-8)}
-    assert everywhere(grid, not bad), bad
+    pairs = {"forward": (out.detach()[valid], expected[valid], FORWARD_TOL),
+             "grad m": (summed(grid, m_mine.grad), m_ref.grad, GRAD_TOL)}
+    compare(grid, {**pairs, **parameter_pairs(grid, ref, mine)})
 
 
 def test_pair_weighted_averaging(grid):
@@ -80,14 +75,10 @@ def test_pair_weighted_averaging(grid):
     s_valid = grid.layout(S).valid_local(grid.col)
     n_valid = grid.layout(N).valid_local(grid.row)
     expected = msa_block(out_ref.detach(), grid)[:, s_valid, n_valid]
-    errors = {"forward": relative_error(out.detach()[:, s_valid, n_valid], expected) if expected.numel() else 0.0,
-              "grad m": relative_error(summed(grid, m_mine.grad), m_ref.grad),
-              "grad z": relative_error(summed(grid, z_mine.grad), z_ref.grad)}
-    largest = max(float(p.grad.abs().max()) for p in ref.parameters())
-    for (name, p_ref), (_, p_mine) in zip(ref.named_parameters(), mine.named_parameters()):
-        errors[f"grad {name}"] = relative_error(summed(grid, p_mine.grad, p_mine), p_ref.grad, floor=1e-6 * largest)
-    bad = {k: v for k, v in errors.items() if not v <= (1e-10 if k == "forward" else 1e-8)}
-    assert everywhere(grid, not bad), bad
+    pairs = {"forward": (out.detach()[:, s_valid, n_valid], expected, FORWARD_TOL),
+             "grad m": (summed(grid, m_mine.grad), m_ref.grad, GRAD_TOL),
+             "grad z": (summed(grid, z_mine.grad), z_ref.grad, GRAD_TOL)}
+    compare(grid, {**pairs, **parameter_pairs(grid, ref, mine)})
 
 
 def test_msa_module(grid):
@@ -123,13 +114,7 @@ def test_msa_module(grid):
     layout = grid.layout(N)
     valid = (slice(None), layout.valid_local(grid.row), layout.valid_local(grid.col))
     expected = take_tile(out_ref.detach(), grid.p, grid.row, grid.col)
-    errors = {"forward": relative_error(out.detach()[valid], expected[valid]) if expected[valid].numel() else 0.0,
-              "grad z": relative_error(summed(grid, z_mine.grad), z_ref.grad),
-              "grad emb": relative_error(summed(grid, emb_mine.grad), emb_ref.grad)}
-    largest = max(float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None)
-    for (name, p_ref), (_, p_mine) in zip(ref.named_parameters(), mine.named_parameters()):
-        if p_ref.grad is not None:
-            errors[f"grad {name}"] = relative_error(summed(grid, p_mine.grad, p_mine), p_ref.grad,
-                                                    floor=1e-6 * largest)
-    bad = {k: v for k, v in errors.items() if not v <= (1e-10 if k == "forward" else 1e-8)}
-    assert everywhere(grid, not bad), bad
+    pairs = {"forward": (out.detach()[valid], expected[valid], FORWARD_TOL),
+             "grad z": (summed(grid, z_mine.grad), z_ref.grad, GRAD_TOL),
+             "grad emb": (summed(grid, emb_mine.grad), emb_ref.grad, GRAD_TOL)}
+    compare(grid, {**pairs, **parameter_pairs(grid, ref, mine)})
