@@ -1,7 +1,14 @@
-"""The trunk on the grid (from s_inputs: pair init, recycling, templates, MSA module, Pairformer, distogram)
-against Boltz-2's own modules run the way ``Boltz2.forward`` runs them, float64, at 1, 4 and 9 ranks."""
+"""The whole trunk on the grid (input embedder with atoms split by windows, pair init, recycling, templates, MSA
+module, Pairformer, distogram) against Boltz-2's own modules run the way ``Boltz2.forward`` runs them, float64,
+at 1, 4 and 9 ranks, from the same features: our featurizer's for our trunk, boltz's for boltz's (their equality
+is tested in test_features / test_msa).
+
+Rank 0 runs the reference and broadcasts it; every rank compares its own tiles.
+"""
 
 from __future__ import annotations
+
+import textwrap
 
 import numpy as np
 import pytest
@@ -13,9 +20,12 @@ from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
 from foldcp_hpc.data.features import featurize
 from foldcp_hpc.distributed.autograd import take_tile
 from foldcp_hpc.model.trunk import Trunk
-from test_features import mol_dir, reference_features, tokenize  # noqa: F401 - mol_dir is a fixture
+from test_features import mol_dir, reference_features, synthetic_templates, tokenize  # noqa: F401 - fixture
+from test_msa import a3m_text, csv_text, tokenized_with_msas
 
 pytestmark = pytest.mark.mpi
+
+RECYCLES = 1
 
 
 def boltz_trunk(model, feats, recycling_steps):
@@ -39,39 +49,97 @@ def boltz_trunk(model, feats, recycling_steps):
     return s_inputs, s, z, model.distogram_module(z)
 
 
-def test_trunk_equals_boltz(grid, mol_dir, tmp_path_factory):  # noqa: F811
-    from boltz.model.models.boltz2 import Boltz2
+def double(features: dict) -> dict:
+    return {k: (v.double() if v.is_floating_point() else v) for k, v in features.items() if isinstance(v, torch.Tensor)}
 
-    tmp_path = tmp_path_factory.mktemp(f"trunk{grid.rank}")
-    tokenized, molecules, pockets, contacts = tokenize("protein_dna_rna_ligand", mol_dir, tmp_path)
-    ref_feats = reference_features(tokenized, molecules, pockets, contacts)
-    ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
-    n_tokens = ours.n_tokens
 
+def run_and_compare(grid, ref_feats, ours, templates=None):
+    """Boltz's trunk on rank 0 (broadcast) and ours on every rank; s_inputs, s, z and distogram within 1e-10."""
     hp = reduced_boltz2_hparams()
     torch.manual_seed(0)
     np.random.seed(0)
+    from boltz.model.models.boltz2 import Boltz2
+
     model = perturb_(Boltz2(**hp).double().eval(), seed=4)
-    feats = {k: (v.double() if v.is_floating_point() else v)[None] for k, v in ref_feats.items()
-             if isinstance(v, torch.Tensor)}
-    with torch.no_grad(), float64_reference():
-        s_inputs, s_ref, z_ref, d_ref = boltz_trunk(model, feats, recycling_steps=1)
+    feats = {k: v[None] for k, v in double(ref_feats).items()}
+    template = double(ours.template)
+    if templates is not None:
+        feats.update({k: v[None] for k, v in double(templates).items()})
+        template = double(templates)
+    reference = None
+    if grid.rank == 0:
+        with torch.no_grad(), float64_reference():
+            reference = boltz_trunk(model, feats, recycling_steps=RECYCLES)
+    s_inputs_ref, s_ref, z_ref, d_ref = grid.comm.bcast(reference, root=0)
 
     trunk = Trunk(hp, grid=grid).double().eval()
     trunk.load_state_dict(trunk.boltz_state(model.state_dict()), strict=True)
-    token = {k: v[None] for k, v in ours.token.items()}
+    del model
+    token = {k: v[None] for k, v in double(ours.token).items()}
+    atom = {k: v[None] for k, v in double(ours.atom).items() if v.dim() and v.shape[0] == ours.n_atoms}
     pair = {k: v[None] for k, v in ours.pair_tile(grid.p, grid.row, grid.col).items()}
-    template = {k: (v.double() if v.is_floating_point() else v) for k, v in ours.template.items()}
     msa = ours.msa_model_block(grid.p, grid.row, grid.col)
     with torch.no_grad():
-        s, z, distogram = trunk(s_inputs, token, pair, template, msa, ours.msa.n_rows, recycling_steps=1)
+        out = trunk(token, atom, pair, template, msa, ours.msa.n_rows, recycling_steps=RECYCLES)
 
-    layout = grid.layout(n_tokens)
+    layout = grid.layout(ours.n_tokens)
     valid = (slice(None), layout.valid_local(grid.row), layout.valid_local(grid.col))
     z_expected = take_tile(z_ref, grid.p, grid.row, grid.col)[valid]
     d_expected = take_tile(d_ref, grid.p, grid.row, grid.col)[valid]
-    errors = {"s": relative_error(s, s_ref)}
+    errors = {"s_inputs": relative_error(out.s_inputs, s_inputs_ref), "s": relative_error(out.s, s_ref)}
     if z_expected.numel():
-        errors["z"] = relative_error(z[valid], z_expected)
-        errors["distogram"] = relative_error(distogram[valid], d_expected)
+        errors["z"] = relative_error(out.z[valid], z_expected)
+        errors["distogram"] = relative_error(out.distogram[valid], d_expected)
     assert everywhere(grid, all(e <= 1e-10 for e in errors.values())), errors
+    return errors
+
+
+def test_trunk_equals_boltz_on_a_mixed_input(grid, mol_dir, tmp_path_factory):  # noqa: F811
+    """Protein with a modified residue, DNA, RNA, a ligand bonded to the protein, pocket and contact constraints
+    (no MSA, no template: the template module must add exactly 0)."""
+    tmp_path = tmp_path_factory.mktemp(f"trunk{grid.rank}")
+    tokenized, molecules, pockets, contacts = tokenize("protein_dna_rna_ligand", mol_dir, tmp_path)
+    ref_feats = reference_features(tokenized, molecules, pockets, contacts)
+    torch.manual_seed(0)  # the reference conformers' random rotations come from torch's generator, as in Boltz
+    ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
+    run_and_compare(grid, ref_feats, ours)
+
+
+@pytest.fixture(scope="module")
+def msa_template_input(tmp_path_factory):
+    """Proteins with paired .csv MSAs (shared taxonomy keys, one of them a homodimer), one with an .a3m, one in
+    single-sequence mode, and a ligand."""
+    from mpi4py import MPI
+
+    seq_a, seq_b, seq_d = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRV", "GSHMSLFDFFKNKGSAATATDRLK", "MSLFDFFKNKGSAATATDRL"
+    folder = tmp_path_factory.mktemp(f"trunk-msa{MPI.COMM_WORLD.Get_rank()}")
+    (folder / "a.csv").write_text(csv_text(seq_a, 10, 1, ["101", "102", "103", "", "105"]))
+    (folder / "b.csv").write_text(csv_text(seq_b, 8, 50, ["102", "101", "109", "103"]))
+    (folder / "d.a3m").write_text(a3m_text(seq_d, 6, 100))
+    (folder / "in.yaml").write_text(textwrap.dedent(f"""
+        version: 1
+        sequences:
+          - protein: {{id: A, sequence: {seq_a}, msa: a.csv}}
+          - protein: {{id: [B, C], sequence: {seq_b}, msa: b.csv}}
+          - protein: {{id: D, sequence: {seq_d}, msa: d.a3m}}
+          - protein: {{id: E, sequence: MQIFVKTLTG, msa: empty}}
+          - ligand: {{id: F, ccd: SAH}}
+    """))
+    return folder / "in.yaml"
+
+
+def test_trunk_equals_boltz_with_msas_and_templates(grid, msa_template_input):
+    """Paired and unpaired MSA rows, a ligand, and two templates (template features given to both sides)."""
+    from foldcp_hpc.data.inputs import parse_input
+
+    from conftest import REPO
+
+    tokenized = tokenized_with_msas(msa_template_input)
+    molecules = parse_input(msa_template_input, REPO / ".cache" / "test-mols").molecules
+    ref_feats = reference_features(tokenized, molecules, None, None)
+    torch.manual_seed(0)
+    ours = featurize(tokenized, molecules, np.random.default_rng(42), None, None)
+    assert ours.msa.n_rows > 10 and bool(ref_feats["msa_paired"].sum() > 0)
+    # Boltz accumulates the deletion mean in float32 (equal to 1e-7, test_msa); give both sides the same values
+    ours.token["deletion_mean"] = torch.as_tensor(ref_feats["deletion_mean"]).clone()
+    run_and_compare(grid, ref_feats, ours, templates=synthetic_templates(ours.n_tokens, n_templates=2, seed=5))

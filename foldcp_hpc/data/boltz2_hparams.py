@@ -309,3 +309,11 @@ def reduced_boltz2_hparams(
     hp["score_model_args"]["atom_decoder_depth"] = atom_depth
     hp["score_model_args"]["token_transformer_depth"] = token_transformer_depth
     return hp
+
+
+def embedder_args(hp: dict[str, Any]) -> dict[str, Any]:
+    """The InputEmbedder's constructor arguments as ``Boltz2.__init__`` assembles them (``full_embedder_args``)."""
+    keys = ("atom_s", "atom_z", "token_s", "token_z", "atoms_per_window_queries", "atoms_per_window_keys",
+            "atom_feature_dim")
+    flags = ("use_no_atom_char", "use_atom_backbone_feat", "use_residue_feats_atoms")
+    return {**{k: hp[k] for k in keys}, **{k: hp.get(k, False) for k in flags}, **hp["embedder_args"]}

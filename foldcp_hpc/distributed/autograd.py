@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import collectives as raw
+from .atom_layout import AtomWindowLayout
 from .layout import TileLayout
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ __all__ = [
     "gather_pair",
     "scatter_tokens",
     "gather_tokens",
+    "halo_extend",
 ]
 
 
@@ -263,3 +265,73 @@ def _block_index(grid: "ProcessGrid", by: str) -> int:
     if by == "col":
         return grid.col
     raise ValueError(f"tokens are split by 'row' or 'col' block, got {by!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _halo_plan(grid: "ProcessGrid", layout: AtomWindowLayout) -> tuple[int, int, int]:
+    group = grid.axis("grid")
+    if layout.n_ranks != group.size:
+        raise ValueError(f"atom layout for {layout.n_ranks} ranks used on a grid of {group.size}")
+    a0, a1 = layout.atoms(group.index)
+    return group.index, a0, a1
+
+
+class _HaloExtend(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid, layout, dim):
+        ctx.grid, ctx.layout, ctx.dim = grid, layout, dim
+        me, a0, a1 = _halo_plan(grid, layout)
+        halo = layout.halo
+        if a1 == a0:
+            return x.clone()
+        shape = list(x.shape)
+        shape[dim] = a1 - a0 + 2 * halo
+        out = x.new_zeros(shape)
+        out.narrow(dim, halo, a1 - a0).copy_(x)
+        sends = [(dst, x.narrow(dim, lo - a0, hi - lo)) for dst, lo, hi in layout.sends(me)]
+        receives = layout.receives(me)
+        likes = []
+        for _, lo, hi in receives:
+            piece = list(x.shape)
+            piece[dim] = hi - lo
+            likes.append(x.new_empty(piece))
+        received = raw.exchange_pieces(sends, [(src, like) for (src, _, _), like in zip(receives, likes)],
+                                       grid, "grid")
+        for (_, lo, hi), piece in zip(receives, received):
+            out.narrow(dim, lo - (a0 - halo), hi - lo).copy_(piece)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grid, layout, dim = ctx.grid, ctx.layout, ctx.dim
+        me, a0, a1 = _halo_plan(grid, layout)
+        halo = layout.halo
+        if a1 == a0:
+            return grad, None, None, None
+        out = grad.narrow(dim, halo, a1 - a0).clone()
+        # the adjoint: what we received, we send back; what we sent comes back and is added to its source
+        sends = [(src, grad.narrow(dim, lo - (a0 - halo), hi - lo)) for src, lo, hi in layout.receives(me)]
+        returns = layout.sends(me)
+        likes = []
+        for _, lo, hi in returns:
+            piece = list(grad.shape)
+            piece[dim] = hi - lo
+            likes.append(grad.new_empty(piece))
+        received = raw.exchange_pieces(sends, [(dst, like) for (dst, _, _), like in zip(returns, likes)],
+                                       grid, "grid")
+        for (_, lo, hi), piece in zip(returns, received):
+            out.narrow(dim, lo - a0, hi - lo).add_(piece)
+        return out, None, None, None
+
+
+def halo_extend(x: torch.Tensor, grid: "ProcessGrid", layout: AtomWindowLayout, dim: int = 1) -> torch.Tensor:
+    """This rank's atoms with the halo atoms its windows read as keys, from the ranks that own them.
+
+    x: [B, m, C] this rank's atoms ``[a0, a1)`` of ``layout`` along ``dim`` (window split over the grid).
+    returns: [B, m + 2 * halo, C] atoms ``[a0 - halo, a1 + halo)``; positions outside ``[0, n_atoms)`` are
+    zeros. A rank that owns no window gets its (empty) input back.
+
+    forward: point-to-point pieces from the owners (usually the neighbours in grid order); backward: the halo
+    gradients sent back to their owners and added to theirs.
+    """
+    return _HaloExtend.apply(x, grid, layout, dim % x.dim())

@@ -34,6 +34,7 @@ __all__ = [
     "reduce",
     "gather_to",
     "scatter_from",
+    "exchange_pieces",
 ]
 
 
@@ -238,3 +239,28 @@ def scatter_from(parts: Sequence[torch.Tensor] | None, like: torch.Tensor, grid:
     buffer = transport.wire_like(like)
     dist.recv(buffer, src=group.global_rank(src))
     return transport.from_wire(buffer, like)
+
+
+def exchange_pieces(sends: Sequence[tuple[int, torch.Tensor]], receives: Sequence[tuple[int, torch.Tensor]],
+                    grid: "ProcessGrid", axis: str) -> list[torch.Tensor]:
+    """Point-to-point pieces between members of ``axis``: a sparse all-to-all.
+
+    sends: ``(position, tensor)``: send ``tensor`` to group position ``position``.
+    receives: ``(position, like)``: receive a tensor shaped like ``like`` from ``position``.
+    Every send must be matched by the peer's receive of the same shape (the callers derive both sides from
+    one pure plan, e.g. :class:`.atom_layout.AtomWindowLayout`). All messages are posted together, so the
+    order of the lists cannot deadlock. Returns the received tensors, in the order of ``receives``, on the
+    device of their ``like``.
+    """
+    if not sends and not receives:
+        return []
+    group = grid.axis(axis)
+    transport = grid.transport
+    wires = [transport.to_wire(tensor) for _, tensor in sends]
+    buffers = [transport.wire_like(like) for _, like in receives]
+    ops = [dist.P2POp(dist.isend, wire, group.global_rank(position)) for (position, _), wire in zip(sends, wires)]
+    ops += [dist.P2POp(dist.irecv, buffer, group.global_rank(position))
+            for (position, _), buffer in zip(receives, buffers)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return [transport.from_wire(buffer, like) for buffer, (_, like) in zip(buffers, receives)]

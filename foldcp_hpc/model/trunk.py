@@ -1,5 +1,6 @@
-"""Boltz-2's trunk on the grid, from s_inputs to (s, z tiles, distogram tiles).
+"""Boltz-2's trunk on the grid, from features to (s_inputs, s, z tiles, distogram tiles).
 
+    s_inputs = input_embedder(token, atom features)   (atoms split by windows over the grid)
     s_init = s_init(s_inputs); z_init = pair initialisation (tiles)
     repeat recycling_steps + 1 times:
         s = s_init + s_recycle(s_norm(s)); z = z_init + z_recycle(z_norm(z))
@@ -8,18 +9,19 @@
     distogram = distogram_module(z)
 
 Submodules carry Boltz-2's names; :meth:`Trunk.boltz_state` maps a Boltz-2 state dict onto them (the pair
-initialisation's parameters sit at Boltz-2's top level). The input embedder (atoms) is not part of this
-module: it is given ``s_inputs``.
+initialisation's parameters sit at Boltz-2's top level).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..data.boltz2_hparams import embedder_args
 from .distogram import DistogramModule
+from .input_embedder import InputEmbedder
 from .msa_module import MSAModule
 from .pair_init import PairInitializer
 from .pairformer import PairformerModule
@@ -29,6 +31,15 @@ if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
 
 
+class TrunkOutput(NamedTuple):
+    """s_inputs, s: [B, N, C_s] replicated; z: [B, n, n, C_z] pair tile; distogram: [B, n, n, 1, bins] tile."""
+
+    s_inputs: Tensor
+    s: Tensor
+    z: Tensor
+    distogram: Tensor
+
+
 class Trunk(nn.Module):
     """The Boltz-2 trunk on tiles, built from ``Boltz2``'s hyper-parameters (``hparams``)."""
 
@@ -36,6 +47,7 @@ class Trunk(nn.Module):
         super().__init__()
         self.grid = grid
         token_s, token_z = hparams["token_s"], hparams["token_z"]
+        self.input_embedder = InputEmbedder(**embedder_args(hparams), grid=grid)
         self.s_init = nn.Linear(token_s, token_s, bias=False)
         self.pair_init = PairInitializer(
             token_s, token_z, grid=grid, fix_sym_check=hparams.get("fix_sym_check", False),
@@ -64,16 +76,16 @@ class Trunk(nn.Module):
             mine[name] = state[source]
         return mine
 
-    def forward(self, s_inputs: Tensor, token: dict[str, Tensor], pair: dict[str, Tensor],
+    def forward(self, token: dict[str, Tensor], atom: dict[str, Tensor], pair: dict[str, Tensor],
                 template: dict[str, Tensor], msa: dict[str, Tensor], n_msa_rows: int,
-                recycling_steps: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """s_inputs: [B, N, C_s] replicated; token: 1-D token features [B, N] (incl. ``token_pad_mask``);
-        pair: this rank's pair-feature tile [B, n, n]; template: template features [T, N, ...]; msa: this
-        rank's MSA block [B, S_c, N_r] (msa, has_deletion, deletion_value, msa_paired, msa_mask).
-
-        returns: s [B, N, C_s] replicated, z [B, n, n, C_z] pair tile, distogram logits [B, n, n, 1, bins] tile.
+                recycling_steps: int = 0) -> TrunkOutput:
+        """token: 1-D token features [B, N, ...] replicated (incl. ``token_pad_mask``, ``profile``);
+        atom: 1-D atom features [B, M, ...] replicated, index form; pair: this rank's pair-feature tile
+        [B, n, n]; template: template features [T, N, ...]; msa: this rank's MSA block [B, S_c, N_r] (msa,
+        has_deletion, deletion_value, msa_paired, msa_mask).
         """
         grid = self.grid
+        s_inputs = self.input_embedder(token, atom)
         n_tokens = s_inputs.shape[1]
         mask = token["token_pad_mask"].to(s_inputs.dtype)  # [B, N]
         layout = grid.layout(n_tokens)
@@ -91,4 +103,4 @@ class Trunk(nn.Module):
                 z = z + self.template_module(z, template, pair_mask, n_tokens=n_tokens)
             z = z + self.msa_module(z, s_inputs, msa, pair_mask, n_rows=n_msa_rows)
             s, z = self.pairformer_module(s, z, mask=mask, pair_mask=pair_mask)
-        return s, z, self.distogram_module(z)
+        return TrunkOutput(s_inputs, s, z, self.distogram_module(z))

@@ -1,0 +1,97 @@
+"""The input embedder with atoms split by windows over the grid, against boltz's InputEmbedder, float64, at 1, 4
+and 9 ranks: forward and every parameter gradient; and the halo exchange's adjoint on layouts where ranks own
+no window or fewer windows than the halo spans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from boltz_reference import float64_reference, perturb_, relative_error, shared_randn
+from conftest import everywhere
+from foldcp_hpc.data.boltz2_hparams import embedder_args, reduced_boltz2_hparams
+from foldcp_hpc.data.features import featurize
+from foldcp_hpc.distributed.atom_layout import AtomWindowLayout
+from foldcp_hpc.distributed.autograd import halo_extend
+from foldcp_hpc.model.input_embedder import InputEmbedder
+from test_features import mol_dir, reference_features, tokenize  # noqa: F401 - mol_dir is a fixture
+from test_pairformer_parity_mpi import compare, parameter_pairs
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("n_windows", [1, 5, 9, 40])
+def test_halo_extend_is_the_serial_window_and_its_adjoint(grid, n_windows):
+    """Every rank's extended atoms equal the zero-padded serial slice; <halo(x), y> summed over ranks equals
+    <x, halo^T(y)> (the backward is the exact adjoint), also when windows are fewer than ranks."""
+    layout = AtomWindowLayout(32 * n_windows, grid.axis("grid").size)
+    me = grid.axis("grid").index
+    full = shared_randn(2, layout.n_atoms, 3, seed=n_windows)
+    a0, a1 = layout.atoms(me)
+    x = full[:, a0:a1].clone().requires_grad_()
+    out = halo_extend(x, grid, layout)
+    if a1 > a0:
+        padded = torch.nn.functional.pad(full, (0, 0, layout.halo, layout.halo))
+        expected = padded[:, a0:a1 + 2 * layout.halo]
+    else:
+        expected = x.detach()
+    ok = out.shape == expected.shape and torch.equal(out.detach(), expected)
+    weight = shared_randn(*out.shape, seed=100 + me)
+    (out * weight).sum().backward()
+    # adjoint: d/dx of sum_r <halo_r(x), w_r> is sum over the ranks reading each atom of their weights
+    grad_full = torch.zeros_like(full)
+    for rank in range(layout.n_ranks):
+        b0, b1 = layout.atoms(rank)
+        if b1 == b0:
+            continue
+        w = shared_randn(2, b1 - b0 + 2 * layout.halo, 3, seed=100 + rank)
+        lo = b0 - layout.halo
+        inside = slice(max(0, lo), min(layout.n_atoms, b1 + layout.halo))
+        grad_full[:, inside] += w[:, inside.start - lo:inside.stop - lo]
+    ok = ok and torch.allclose(x.grad, grad_full[:, a0:a1], rtol=0, atol=1e-12)
+    assert everywhere(grid, ok)
+
+
+def embedder_inputs(features):
+    token = {k: v[None] for k, v in features.token.items()}
+    atom = {k: v[None] for k, v in features.atom.items()
+            if v.dim() >= 1 and v.shape[0] == features.n_atoms}
+    return token, atom
+
+
+def test_input_embedder_equals_boltz(grid, mol_dir, tmp_path_factory):  # noqa: F811
+    from boltz.model.modules.trunkv2 import InputEmbedder as Ref
+
+    tmp_path = tmp_path_factory.mktemp(f"embed{grid.rank}")
+    tokenized, molecules, pockets, contacts = tokenize("protein_dna_rna_ligand", mol_dir, tmp_path)
+    ref_feats = reference_features(tokenized, molecules, pockets, contacts)
+    torch.manual_seed(0)  # the reference positions' random rotations come from torch's generator, as in Boltz
+    ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
+    # 13 windows: at 9 ranks every rank owns one or two, so halos come from ranks two places away
+    assert ours.n_atoms // 32 >= grid.axis("grid").size, "the input must give every rank windows"
+
+    args = embedder_args(reduced_boltz2_hparams(atom_depth=2))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    ref = perturb_(Ref(**args).double(), seed=7)
+    mine = InputEmbedder(**args, grid=grid).double()
+    mine.load_state_dict(ref.state_dict(), strict=True)
+
+    feats = {k: (v.double() if v.is_floating_point() else v)[None] for k, v in ref_feats.items()
+             if isinstance(v, torch.Tensor)}
+    weight = shared_randn(1, ours.n_tokens, args["token_s"], seed=3)
+    with float64_reference():
+        s_ref = ref(feats)
+    (s_ref * weight).sum().backward()
+
+    token, atom = embedder_inputs(ours)
+    token = {k: (v.double() if v.is_floating_point() else v) for k, v in token.items()}
+    atom = {k: (v.double() if v.is_floating_point() else v) for k, v in atom.items()}
+    s = mine(token, atom)
+    (s * weight / grid.axis("grid").size).sum().backward()  # s is replicated: each rank owns 1/P of the objective
+    pairs = {"forward": (s.detach(), s_ref.detach(), 1e-10)}
+    pairs.update(parameter_pairs(grid, ref, mine))
+    compare(grid, pairs)
+    same = grid.comm.allgather(float(s.detach().sum()))
+    assert everywhere(grid, len(set(same)) == 1), "s_inputs differs between ranks"
