@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import resource
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, load_job
 from .data.inputs import InputError, parse_input
@@ -17,20 +17,17 @@ from .data.inputs import InputError, parse_input
 if TYPE_CHECKING:
     from .data.features import Features
 
-__all__ = ["run_featurize", "features_of"]
+__all__ = ["run_featurize", "features_of", "tokenize_input"]
 
 MIB = 1024 * 1024
 
 
-def features_of(path, cache_dir, max_tokens: int | None = None, max_msa_seqs: int = 8192) -> tuple["Features", dict]:
-    """Parse, tokenize and featurize one input on this rank; returns the features and a summary."""
+def tokenize_input(path, cache_dir, max_msa_seqs: int = 8192) -> tuple[Any, Any, dict]:
+    """Parse and tokenize one input with boltz (MSAs loaded); returns (parsed input, tokenized, MSAs)."""
     parsed = parse_input(path, cache_dir)  # first: its checks need neither torch nor boltz's parser
-
-    import numpy as np
     from boltz.data.tokenize.boltz2 import Boltz2Tokenizer
     from boltz.data.types import Input
 
-    from .data.features import featurize
     from .data.msa import load_msas
 
     target = parsed.target
@@ -38,7 +35,17 @@ def features_of(path, cache_dir, max_tokens: int | None = None, max_msa_seqs: in
     data = Input(structure=target.structure, msa=msas, record=target.record,
                  residue_constraints=target.residue_constraints, templates=target.templates,
                  extra_mols=target.extra_mols)
-    tokenized = Boltz2Tokenizer().tokenize(data)
+    return parsed, Boltz2Tokenizer().tokenize(data), msas
+
+
+def features_of(path, cache_dir, max_tokens: int | None = None, max_msa_seqs: int = 8192) -> tuple["Features", dict]:
+    """Parse, tokenize and featurize one input on this rank; returns the features and a summary."""
+    parsed, tokenized, msas = tokenize_input(path, cache_dir, max_msa_seqs)
+    import numpy as np
+
+    from .data.features import featurize
+
+    target = parsed.target
     n_tokens = len(tokenized.tokens)
     if max_tokens is not None and n_tokens > max_tokens:
         raise InputError(f"{path}: {n_tokens} tokens, more than [input] max_tokens = {max_tokens}")

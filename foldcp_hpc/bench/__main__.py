@@ -1,4 +1,4 @@
-"""Benchmarks that print tables: ``python -m foldcp_hpc.bench pairformer --n 192 --ranks 1,4,9``.
+"""Benchmarks that print tables: ``python -m foldcp_hpc.bench pairformer|trunk --n 192 --ranks 1,4,9``.
 
 ``pairformer`` times one Pairformer layer forward (Boltz-2 sizes: C_s 384, C_z 128, 16 heads, triangle
 attention 4 x 32, inference mode, Boltz's query chunking) on grids of 1, 4, 9, ... ranks, each run started
@@ -6,6 +6,11 @@ through a launcher (default: jobs/mpirun-local.sh), and boltz's own ``Pairformer
 the one-rank run. It prints per-rank peak memory (the bytes a rank held above what it held before the call:
 the layer's input excluded, its output and every transient included), the wall time of the slowest rank,
 and both as ratios against p = 1 and against boltz.
+
+``trunk`` runs the whole trunk (input embedder, pair init, recycling, MSA module, Pairformer, distogram) on a
+synthetic single-protein input of N residues with a generated MSA, Boltz-2 widths, and the same for boltz's
+modules in the one-rank run; peak memory counts everything the call allocates (the features and weights,
+made before it, excluded).
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ MIB = 1024 * 1024
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m foldcp_hpc.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("pairformer", "pairformer-worker"):
-        sub = commands.add_parser(name, help="one Pairformer layer forward" if name == "pairformer" else argparse.SUPPRESS)
+    helps = {"pairformer": "one Pairformer layer forward", "trunk": "the whole trunk forward (one recycle)"}
+    for name in ("pairformer", "pairformer-worker", "trunk", "trunk-worker"):
+        sub = commands.add_parser(name, help=helps.get(name, argparse.SUPPRESS))
         sub.add_argument("--n", type=int, default=192, help="tokens N (default 192)")
         sub.add_argument("--c-s", type=int, default=384)
         sub.add_argument("--c-z", type=int, default=128)
@@ -37,7 +43,14 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--backend", default="auto", help="grid backend: auto, gloo, nccl, host")
         sub.add_argument("--repeats", type=int, default=1, help="timed runs after the measured one")
         sub.add_argument("--no-boltz", action="store_true", help="skip boltz's layer")
-        if name == "pairformer":
+        sub.add_argument("--quick", action="store_true",
+                         help="one run per size (no warm-up, no communication breakdown): for the largest sizes")
+        if name.startswith("trunk"):
+            sub.add_argument("--msa-rows", type=int, default=64, help="MSA rows of the synthetic input (default 64)")
+            sub.add_argument("--blocks", type=int, default=2,
+                             help="Pairformer blocks (default 2; the peak does not depend on it, the time does)")
+            sub.add_argument("--recycles", type=int, default=1)
+        if not name.endswith("-worker"):
             sub.add_argument("--ranks", default="1,4,9", help="comma-separated rank counts (squares)")
             sub.add_argument("--launcher", default=str(REPO / "jobs" / "mpirun-local.sh"),
                              help="command that starts N ranks when given '-n N' (default jobs/mpirun-local.sh)")
@@ -54,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run_worker(args)
         return 0
+    if args.command == "trunk-worker":
+        from .trunk import run_worker as run_trunk_worker
+
+        run_trunk_worker(args)
+        return 0
     return _drive(args)
 
 
@@ -63,11 +81,15 @@ def _drive(args: argparse.Namespace) -> int:
                    f"--device={args.device}", f"--backend={args.backend}", f"--repeats={args.repeats}"]
     if args.no_boltz:
         worker_args.append("--no-boltz")
+    if args.quick:
+        worker_args.append("--quick")
+    if args.command == "trunk":
+        worker_args += [f"--msa-rows={args.msa_rows}", f"--blocks={args.blocks}", f"--recycles={args.recycles}"]
     for ranks in (int(r) for r in args.ranks.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "rows.json"
             command = [*shlex.split(args.launcher), "-n", str(ranks), sys.executable, "-m", "foldcp_hpc.bench",
-                       "pairformer-worker", *worker_args, f"--out={out}"]
+                       f"{args.command}-worker", *worker_args, f"--out={out}"]
             env = dict(os.environ, PYTHONUNBUFFERED="1", MALLOC_MMAP_THRESHOLD_="65536")
             done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
             if done.returncode != 0 or not out.exists():
@@ -83,18 +105,26 @@ def _drive(args: argparse.Namespace) -> int:
 def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
     base = next((r for r in rows if r["impl"] == "foldcp_hpc" and r["ranks"] == 1), None)
     boltz = next((r for r in rows if r["impl"] == "boltz"), None)
-    print(f"One Pairformer layer forward: N={args.n}, C_s={args.c_s}, C_z={args.c_z}, {args.dtype}, "
+    what = "One Pairformer layer forward"
+    if args.command == "trunk":
+        what = (f"The trunk forward ({args.recycles} recycle(s), {args.blocks} Pairformer blocks, "
+                f"{args.msa_rows} MSA rows, {rows[0].get('atoms', '?')} atoms)")
+    print(f"{what}: N={args.n}, C_s={args.c_s}, C_z={args.c_z}, {args.dtype}, "
           f"{args.device}, device of rank 0: {rows[0]['device_name']}")
     header = (f"{'impl':<11} {'ranks':>5} {'grid':>5} {'peak/rank MiB min':>17} {'median':>8} {'max':>8} "
-              f"{'peak vs p=1':>11} {'time s':>8} {'time vs boltz':>13}")
+              f"{'peak vs p=1':>11} {'time s':>8} {'time vs boltz':>13} {'comm share':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
         peaks = [p / MIB for p in r["peak_bytes"]]
         ratio = f"{max(r['peak_bytes']) / max(base['peak_bytes']):.3f}" if base else "-"
         vs_boltz = f"{r['seconds'] / boltz['seconds']:.2f}" if boltz else "-"
+        share = f"{r['comm_seconds'] / r['clocked_seconds']:.2f}" if r.get("clocked_seconds") else "-"
         print(f"{r['impl']:<11} {r['ranks']:>5} {r['grid']:>5} {min(peaks):>17.1f} {statistics.median(peaks):>8.1f} "
-              f"{max(peaks):>8.1f} {ratio:>11} {r['seconds']:>8.3f} {vs_boltz:>13}")
+              f"{max(peaks):>8.1f} {ratio:>11} {r['seconds']:>8.3f} {vs_boltz:>13} {share:>10}")
+    if any(r.get("clocked_seconds") for r in rows):
+        print("comm share: seconds in collectives / total, in one extra run with every collective synchronised "
+              "(so without overlap), slowest rank")
 
 
 if __name__ == "__main__":

@@ -47,19 +47,41 @@ def run_worker(args: argparse.Namespace) -> None:
         def ours():
             return layer(s, z, mask, pair_mask, chunk)
 
-        measure(ours, device)  # warm-up: first calls fill one-time caches that are not the layer's memory
-        _, peak = measure(ours, device)
-        grid.barrier()
-        _, seconds = timed(ours, device, max(1, args.repeats))
+        if args.quick:  # one run: its peak and its time (first-call overheads included), no breakdown
+            grid.barrier()
+            (_, peak), seconds = timed(lambda: measure(ours, device), device, 1)
+        else:
+            measure(ours, device)  # warm-up: first calls fill one-time caches that are not the layer's memory
+            _, peak = measure(ours, device)
+            grid.barrier()
+            _, seconds = timed(ours, device, max(1, args.repeats))
         seconds = grid.comm.allreduce(seconds, op=_max())
         peaks = grid.comm.gather(peak, root=0)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         rows.append({"impl": "foldcp_hpc", "ranks": grid.world_size, "grid": f"{grid.p}x{grid.p}", "n": args.n,
-                     "peak_bytes": peaks, "seconds": seconds, "device_name": name, "dtype": args.dtype})
+                     "peak_bytes": peaks, "seconds": seconds, "device_name": name, "dtype": args.dtype,
+                     **({} if args.quick else comm_breakdown(grid, ours))})
         if grid.world_size == 1 and not args.no_boltz:
             rows.append(_boltz_row(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name))
     if grid.rank == 0:
         Path(args.out).write_text(json.dumps(rows))
+
+
+def comm_breakdown(grid, fn) -> dict:
+    """One more run with every collective synchronised and clocked (:class:`~foldcp_hpc.distributed.clock.
+    CommClock`): the slowest rank's communication seconds and that run's total (no overlap in it)."""
+    from ..distributed.clock import CommClock
+
+    if grid.world_size == 1:
+        return {}
+    grid.comm_clock = CommClock(grid.device)
+    try:
+        grid.barrier()
+        _, total = timed(fn, grid.device, 1)
+    finally:
+        clock, grid.comm_clock = grid.comm_clock, None
+    return {"comm_seconds": grid.comm.allreduce(clock.seconds, op=_max()),
+            "clocked_seconds": grid.comm.allreduce(total, op=_max())}
 
 
 def _boltz_row(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name) -> dict:

@@ -12,7 +12,10 @@ replica).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import functools
+import inspect
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,6 +41,27 @@ __all__ = [
 ]
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _clock_of(grid: "ProcessGrid"):
+    clock = getattr(grid, "comm_clock", None)
+    return nullcontext() if clock is None else clock.span()
+
+
+def _clocked(fn: _F) -> _F:
+    """Count the call's time on ``grid.comm_clock`` when the grid has one (see :mod:`.clock`)."""
+    position = list(inspect.signature(fn).parameters).index("grid")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        grid = args[position] if len(args) > position else kwargs["grid"]
+        with _clock_of(grid):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 class Pending:
     """A message in flight; :meth:`wait` returns the received tensor on the compute device.
 
@@ -59,9 +83,10 @@ class Pending:
 
     def wait(self) -> torch.Tensor:
         if self._result is None:
-            for work in self._works:
-                work.wait()
-            self._result = self._grid.transport.from_wire(self._received, self._like)
+            with _clock_of(self._grid):
+                for work in self._works:
+                    work.wait()
+                self._result = self._grid.transport.from_wire(self._received, self._like)
             self._works = []
         return self._result
 
@@ -79,6 +104,7 @@ def _sendrecv(x: torch.Tensor, grid: "ProcessGrid", send_to: int, recv_from: int
     return pending
 
 
+@_clocked
 def start_shift(x: torch.Tensor, grid: "ProcessGrid", axis: str, offset: int = 1) -> Pending:
     """Start a ring shift along ``axis``: group position i sends ``x`` to i + offset, receives from i - offset.
 
@@ -96,6 +122,7 @@ def shift(x: torch.Tensor, grid: "ProcessGrid", axis: str, offset: int = 1) -> t
     return start_shift(x, grid, axis, offset).wait()
 
 
+@_clocked
 def start_exchange(x: torch.Tensor, grid: "ProcessGrid", peer: int) -> Pending:
     """Start swapping ``x`` with global rank ``peer`` (which must call this with our rank as its peer)."""
     if peer == grid.rank:
@@ -108,6 +135,7 @@ def exchange(x: torch.Tensor, grid: "ProcessGrid", peer: int) -> torch.Tensor:
     return start_exchange(x, grid, peer).wait()
 
 
+@_clocked
 def transpose(x: torch.Tensor, grid: "ProcessGrid", dims: tuple[int, int] = (1, 2)) -> torch.Tensor:
     """Tile (r, c) of the transposed pair tensor: swap tiles with rank (c, r), then swap ``dims`` locally.
 
@@ -117,6 +145,7 @@ def transpose(x: torch.Tensor, grid: "ProcessGrid", dims: tuple[int, int] = (1, 
     return received.transpose(*dims)  # [B,J,I,C] -> [B,I,J,C] for dims (1, 2)
 
 
+@_clocked
 def all_gather(x: torch.Tensor, grid: "ProcessGrid", axis: str, dim: int) -> torch.Tensor:
     """Concatenate every member's ``x`` along ``dim``, in group order; same result on every member."""
     group = grid.axis(axis)
@@ -129,6 +158,7 @@ def all_gather(x: torch.Tensor, grid: "ProcessGrid", axis: str, dim: int) -> tor
     return transport.from_wire(torch.cat(parts, dim=dim), x)
 
 
+@_clocked
 def reduce_scatter(x: torch.Tensor, grid: "ProcessGrid", axis: str, dim: int) -> torch.Tensor:
     """Sum ``x`` over the members, then keep this member's chunk of ``dim`` (size must divide evenly)."""
     group = grid.axis(axis)
@@ -159,6 +189,7 @@ def _own_wire(x: torch.Tensor, grid: "ProcessGrid") -> torch.Tensor:
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
+@_clocked
 def all_reduce(x: torch.Tensor, grid: "ProcessGrid", axis: str, op: str = "sum") -> torch.Tensor:
     """Element-wise ``op`` (sum, max, min) over the members; returns a new tensor, ``x`` is untouched."""
     group = grid.axis(axis)
@@ -169,6 +200,7 @@ def all_reduce(x: torch.Tensor, grid: "ProcessGrid", axis: str, op: str = "sum")
     return grid.transport.from_wire(wire, x)
 
 
+@_clocked
 def broadcast(x: torch.Tensor, grid: "ProcessGrid", axis: str, src: int = 0) -> torch.Tensor:
     """Every member gets group position ``src``'s ``x`` (all members pass tensors of the same shape)."""
     group = grid.axis(axis)
@@ -179,6 +211,7 @@ def broadcast(x: torch.Tensor, grid: "ProcessGrid", axis: str, src: int = 0) -> 
     return grid.transport.from_wire(wire, x)
 
 
+@_clocked
 def reduce(x: torch.Tensor, grid: "ProcessGrid", axis: str, dst: int = 0) -> torch.Tensor:
     """Sum over the members onto group position ``dst``; other members get zeros."""
     group = grid.axis(axis)
@@ -191,6 +224,7 @@ def reduce(x: torch.Tensor, grid: "ProcessGrid", axis: str, dst: int = 0) -> tor
     return grid.transport.from_wire(wire, x)
 
 
+@_clocked
 def gather_to(x: torch.Tensor, grid: "ProcessGrid", axis: str, dst: int = 0) -> list[torch.Tensor] | None:
     """Every member's ``x`` (same shape) onto group position ``dst``, as a list in group order; None elsewhere.
 
@@ -215,6 +249,7 @@ def gather_to(x: torch.Tensor, grid: "ProcessGrid", axis: str, dst: int = 0) -> 
     return parts
 
 
+@_clocked
 def scatter_from(parts: Sequence[torch.Tensor] | None, like: torch.Tensor, grid: "ProcessGrid", axis: str,
                  src: int = 0) -> torch.Tensor:
     """Group position ``src`` sends ``parts[i]`` to position i; every member passes ``like`` (shape, dtype).
@@ -241,6 +276,7 @@ def scatter_from(parts: Sequence[torch.Tensor] | None, like: torch.Tensor, grid:
     return transport.from_wire(buffer, like)
 
 
+@_clocked
 def exchange_pieces(sends: Sequence[tuple[int, torch.Tensor]], receives: Sequence[tuple[int, torch.Tensor]],
                     grid: "ProcessGrid", axis: str) -> list[torch.Tensor]:
     """Point-to-point pieces between members of ``axis``: a sparse all-to-all.

@@ -157,6 +157,7 @@ class ProcessGrid:
         self._owns_torch = owns_torch
         self._destroyed = False
         self.n_tokens: int | None = None
+        self.comm_clock = None  # a clock.CommClock to time the collectives (timing breakdowns only)
 
     # ---------------------------------------------------------------------------------------------------
     @classmethod
