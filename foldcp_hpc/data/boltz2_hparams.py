@@ -317,3 +317,18 @@ def embedder_args(hp: dict[str, Any]) -> dict[str, Any]:
             "atom_feature_dim")
     flags = ("use_no_atom_char", "use_atom_backbone_feat", "use_residue_feats_atoms")
     return {**{k: hp[k] for k in keys}, **{k: hp.get(k, False) for k in flags}, **hp["embedder_args"]}
+
+
+def diffusion_conditioning_args(hp: dict[str, Any]) -> dict[str, Any]:
+    """DiffusionConditioning's constructor arguments as ``Boltz2.__init__`` passes them."""
+    score = hp["score_model_args"]
+    return {
+        "token_s": hp["token_s"], "token_z": hp["token_z"], "atom_s": hp["atom_s"], "atom_z": hp["atom_z"],
+        "atoms_per_window_queries": hp["atoms_per_window_queries"],
+        "atoms_per_window_keys": hp["atoms_per_window_keys"],
+        **{k: score[k] for k in ("atom_encoder_depth", "atom_encoder_heads", "token_transformer_depth",
+                                 "token_transformer_heads", "atom_decoder_depth", "atom_decoder_heads",
+                                 "conditioning_transition_layers")},
+        "atom_feature_dim": hp["atom_feature_dim"],
+        **{k: hp.get(k, False) for k in ("use_no_atom_char", "use_atom_backbone_feat", "use_residue_feats_atoms")},
+    }

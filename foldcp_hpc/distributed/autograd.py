@@ -42,6 +42,8 @@ __all__ = [
     "scatter_tokens",
     "gather_tokens",
     "halo_extend",
+    "gather_atoms",
+    "gather_pair_entries",
 ]
 
 
@@ -335,3 +337,104 @@ def halo_extend(x: torch.Tensor, grid: "ProcessGrid", layout: AtomWindowLayout, 
     gradients sent back to their owners and added to theirs.
     """
     return _HaloExtend.apply(x, grid, layout, dim % x.dim())
+
+
+# ------------------------------------------------------------------------------------------------------------
+class _GatherAtoms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid, layout, dim):
+        ctx.grid, ctx.layout, ctx.dim = grid, layout, dim
+        group = grid.axis("grid")
+        width = max(layout.atoms(r)[1] - layout.atoms(r)[0] for r in range(group.size))
+        padded = _pad_tokens(x, dim, width)  # every rank sends the same shape
+        parts = raw.all_gather(padded.unsqueeze(0), grid, "grid", dim=0) if group.size > 1 else padded.unsqueeze(0)
+        pieces = [parts[r].narrow(dim, 0, layout.atoms(r)[1] - layout.atoms(r)[0]) for r in range(group.size)]
+        return torch.cat(pieces, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grid, layout, dim = ctx.grid, ctx.layout, ctx.dim
+        a0, a1 = layout.atoms(grid.axis("grid").index)
+        total = raw.all_reduce(grad.contiguous(), grid, "grid", "sum")
+        return total.narrow(dim, a0, a1 - a0), None, None, None
+
+
+def gather_atoms(x: torch.Tensor, grid: "ProcessGrid", layout: AtomWindowLayout, dim: int = 1) -> torch.Tensor:
+    """All atoms from the ranks' own window runs: the atom-level output path (coordinates, O(M)).
+
+    x: [B, m, C] this rank's atoms ``[a0, a1)`` of ``layout`` along ``dim``.
+    returns: [B, M, C] replicated on the grid.
+
+    forward: all-gather over the grid (runs padded to the longest); backward: sum over the grid, own run kept.
+    """
+    return _GatherAtoms.apply(x, grid, layout, dim % x.dim())
+
+
+def _entry_plan(grid: "ProcessGrid", n_global: int, rows: torch.Tensor, cols: torch.Tensor):
+    """Group requested (row, col) token pairs by the grid rank whose tile holds them; exchange the counts."""
+    group = grid.axis("grid")
+    layout = TileLayout(n_global, grid.p)
+    owner = (rows // layout.n_local) * grid.p + (cols // layout.n_local)  # grid position (r * p + c)
+    order = torch.argsort(owner, stable=True)
+    counts = torch.bincount(owner, minlength=group.size)
+    wanted = counts.to("cpu", torch.long)
+    incoming = raw.all_gather(wanted.unsqueeze(0), grid, "grid", dim=0)[:, group.index] if group.size > 1 else wanted
+    return layout, owner, order, wanted.tolist(), incoming.tolist()
+
+
+class _GatherPairEntries(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tile, grid, n_global, rows, cols):
+        group = grid.axis("grid")
+        layout, owner, order, wanted, incoming = _entry_plan(grid, n_global, rows, cols)
+        local = torch.stack([rows[order] % layout.n_local, cols[order] % layout.n_local])  # [2, K] by owner
+        me = group.index
+        splits = local.split(wanted, dim=1)
+        # 1) the positions each owner must read
+        sends = [(r, splits[r].contiguous()) for r in range(group.size) if r != me and wanted[r]]
+        receives = [(r, local.new_empty(2, incoming[r])) for r in range(group.size) if r != me and incoming[r]]
+        asked = dict(zip([r for r, _ in receives], raw.exchange_pieces(sends, receives, grid, "grid")))
+        asked[me] = splits[me]
+        # 2) the values, read from our tile and sent back
+        answers = [(r, tile[:, asked[r][0], asked[r][1]].contiguous()) for r in asked if r != me]
+        value_like = [(r, tile.new_empty((tile.shape[0], wanted[r]) + tile.shape[3:]))
+                      for r in range(group.size) if r != me and wanted[r]]
+        got = dict(zip([r for r, _ in value_like], raw.exchange_pieces(answers, value_like, grid, "grid")))
+        got[me] = tile[:, asked[me][0], asked[me][1]]
+        ordered = torch.cat([got[r] for r in range(group.size) if wanted[r] or r == me], dim=1)
+        out = torch.empty_like(ordered)
+        out[:, order] = ordered
+        ctx.grid, ctx.asked, ctx.order, ctx.wanted = grid, asked, order, wanted
+        ctx.tile_shape = tile.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grid, asked, order, wanted = ctx.grid, ctx.asked, ctx.order, ctx.wanted
+        group = grid.axis("grid")
+        me = group.index
+        by_owner = grad[:, order].split(wanted, dim=1)
+        sends = [(r, by_owner[r].contiguous()) for r in range(group.size) if r != me and wanted[r]]
+        receives = [(r, grad.new_empty((grad.shape[0], asked[r].shape[1]) + grad.shape[2:]))
+                    for r in asked if r != me]
+        got = dict(zip([r for r, _ in receives], raw.exchange_pieces(sends, receives, grid, "grid")))
+        got[me] = by_owner[me]
+        out = grad.new_zeros(ctx.tile_shape)
+        batch = torch.arange(out.shape[0], device=out.device)[:, None]
+        for r, values in got.items():
+            out.index_put_((batch, asked[r][0][None], asked[r][1][None]), values, accumulate=True)
+        return out, None, None, None, None
+
+
+def gather_pair_entries(tile: torch.Tensor, grid: "ProcessGrid", n_global: int, rows: torch.Tensor,
+                        cols: torch.Tensor) -> torch.Tensor:
+    """Entries ``(rows[k], cols[k])`` of a pair tensor held as tiles, from the ranks whose tiles hold them.
+
+    tile: [B, n, n, C] pair tile (row-block r, col-block c); rows, cols: [K] global token indices (< N), any
+    owner, this rank's own list (ranks may ask for different numbers of entries).
+    returns: [B, K, C].
+
+    forward: the counts all-gathered over the grid, then positions to the owners and values back, point to point;
+    backward: the gradients sent back to the owners and accumulated into their tiles.
+    """
+    return _GatherPairEntries.apply(tile, grid, n_global, rows.long(), cols.long())

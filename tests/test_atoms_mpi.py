@@ -95,3 +95,46 @@ def test_input_embedder_equals_boltz(grid, mol_dir, tmp_path_factory):  # noqa: 
     compare(grid, pairs)
     same = grid.comm.allgather(float(s.detach().sum()))
     assert everywhere(grid, len(set(same)) == 1), "s_inputs differs between ranks"
+
+
+@pytest.mark.parametrize("n_tokens", [5, 23])
+def test_gather_pair_entries_and_its_adjoint(grid, n_tokens):
+    """Any rank's entries of a tiled pair tensor, whoever owns them; the backward accumulates into the owners'
+    tiles (repeated entries included)."""
+    from foldcp_hpc.distributed.autograd import gather_pair_entries
+
+    full = shared_randn(2, n_tokens, n_tokens, 3, seed=n_tokens)
+    g = torch.Generator().manual_seed(1000 + grid.rank)
+    count = int(torch.randint(0, 40, (1,), generator=g))
+    rows = torch.randint(0, n_tokens, (count,), generator=g)
+    cols = torch.randint(0, n_tokens, (count,), generator=g)
+    tile = grid.scatter_pair(full).clone().requires_grad_()
+    got = gather_pair_entries(tile, grid, n_tokens, rows, cols)
+    ok = torch.equal(got.detach(), full[:, rows, cols])
+    weight = shared_randn(*got.shape, seed=2000 + grid.rank)
+    (got * weight).sum().backward()
+    expected = torch.zeros_like(full)
+    for rank in range(grid.world_size):  # every rank's requests, rebuilt from its seeds
+        g = torch.Generator().manual_seed(1000 + rank)
+        k = int(torch.randint(0, 40, (1,), generator=g))
+        r = torch.randint(0, n_tokens, (k,), generator=g)
+        c = torch.randint(0, n_tokens, (k,), generator=g)
+        w = shared_randn(2, k, 3, seed=2000 + rank)
+        expected.index_put_((torch.arange(2)[:, None], r[None], c[None]), w, accumulate=True)
+    ok = ok and torch.allclose(tile.grad, grid.scatter_pair(expected), rtol=0, atol=1e-12)
+    assert everywhere(grid, ok)
+
+
+def test_gather_atoms_round_trip(grid):
+    from foldcp_hpc.distributed.autograd import gather_atoms
+
+    layout = AtomWindowLayout(32 * 7, grid.axis("grid").size)
+    a0, a1 = layout.atoms(grid.axis("grid").index)
+    full = shared_randn(2, layout.n_atoms, 3, seed=9)
+    x = full[:, a0:a1].clone().requires_grad_()
+    out = gather_atoms(x, grid, layout)
+    ok = torch.equal(out.detach(), full)
+    (out * shared_randn(*out.shape, seed=10)).sum().backward()
+    # each rank's objective uses the whole output: the gradient of the own run is P times the weights
+    ok = ok and torch.allclose(x.grad, grid.axis("grid").size * shared_randn(*out.shape, seed=10)[:, a0:a1])
+    assert everywhere(grid, ok)
