@@ -87,3 +87,68 @@ def test_diffusion_conditioning_equals_boltz(grid, mixed_features):
     pairs["grad rel"] = (rel_tile.grad[valid], take_tile(leaves_ref[2].grad, grid.p, grid.row, grid.col)[valid], 1e-8)
     pairs.update(parameter_pairs(grid, ref, mine))
     compare(grid, pairs)
+
+
+def score_model_args(hp):
+    return {"token_s": hp["token_s"], "atom_s": hp["atom_s"], "atoms_per_window_queries": hp["atoms_per_window_queries"],
+            "atoms_per_window_keys": hp["atoms_per_window_keys"], **hp["score_model_args"]}
+
+
+def build_pair(grid, hp, seed):
+    """boltz's DiffusionConditioning and DiffusionModule (perturbed), and ours loaded from them."""
+    from boltz.model.modules.diffusion_conditioning import DiffusionConditioning as RefCond
+    from boltz.model.modules.diffusionv2 import DiffusionModule as RefScore
+
+    from foldcp_hpc.model.diffusion import DiffusionModule
+    from foldcp_hpc.model.diffusion_conditioning import DiffusionConditioning
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    ref_cond = perturb_(RefCond(**diffusion_conditioning_args(hp)).double(), seed=seed + 1).eval()
+    ref_score = perturb_(RefScore(**score_model_args(hp)).double(), seed=seed + 2).eval()
+    cond = DiffusionConditioning(**diffusion_conditioning_args(hp), grid=grid).double().eval()
+    cond.load_state_dict(ref_cond.state_dict(), strict=True)
+    score = DiffusionModule(**score_model_args(hp), grid=grid).double().eval()
+    score.load_state_dict(ref_score.state_dict(), strict=True)
+    return ref_cond, ref_score, cond, score
+
+
+def test_score_model_equals_boltz(grid, mixed_features):
+    """One denoising call with two samples (multiplicity 2): r_update of the own atoms, and the gradients of
+    every score-model parameter, of r_noisy and of s_trunk / s_inputs."""
+    feats, token, atom, n_tokens = mixed_features
+    hp = reduced_boltz2_hparams(atom_depth=2, token_transformer_depth=2)
+    ref_cond, ref_score, cond, score = build_pair(grid, hp, seed=30)
+    c_s, c_z, mult = hp["token_s"], hp["token_z"], 2
+    s_trunk = shared_randn(1, n_tokens, c_s, seed=31)
+    s_inputs = shared_randn(1, n_tokens, c_s, seed=32)
+    z_trunk = shared_randn(1, n_tokens, n_tokens, c_z, seed=33)
+    rel = shared_randn(1, n_tokens, n_tokens, c_z, seed=34)
+    n_atoms = atom["ref_pos"].shape[1]
+    r_noisy = shared_randn(mult, n_atoms, 3, seed=35)
+    times = torch.tensor([0.3, -0.7], dtype=torch.float64)
+
+    with torch.no_grad(), float64_reference():
+        q, c, to_keys, enc, dec, tok = ref_cond(s_trunk, z_trunk, rel, feats)
+    leaves_ref = [t.clone().requires_grad_() for t in (s_inputs, s_trunk, r_noisy)]
+    with float64_reference():
+        r_ref = ref_score(leaves_ref[0], leaves_ref[1], leaves_ref[2], times, feats,
+                          {"q": q, "c": c, "to_keys": to_keys, "atom_enc_bias": enc, "atom_dec_bias": dec,
+                           "token_trans_bias": tok}, multiplicity=mult)
+    weight = shared_randn(*r_ref.shape, seed=36)
+    (r_ref * weight).sum().backward()
+
+    with torch.no_grad():
+        conditioning = cond(s_trunk, grid.scatter_pair(z_trunk), grid.scatter_pair(rel), token, atom)
+    a0, a1 = conditioning.layout.atoms(grid.axis("grid").index)
+    s_in, s_tr = s_inputs.clone().requires_grad_(), s_trunk.clone().requires_grad_()
+    r_own = r_noisy[:, a0:a1].clone().requires_grad_()
+    r_update = score(s_in, s_tr, r_own, times, token, atom, conditioning, multiplicity=mult)
+    (r_update * weight[:, a0:a1]).sum().backward()
+
+    pairs = {"forward": (r_update.detach(), r_ref[:, a0:a1].detach(), 1e-10),
+             "grad s_inputs": (summed(grid, s_in.grad), leaves_ref[0].grad, 1e-8),
+             "grad s_trunk": (summed(grid, s_tr.grad), leaves_ref[1].grad, 1e-8),
+             "grad r_noisy": (r_own.grad, leaves_ref[2].grad[:, a0:a1], 1e-8)}
+    pairs.update(parameter_pairs(grid, ref_score, score))
+    compare(grid, pairs)
