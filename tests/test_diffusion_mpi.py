@@ -24,7 +24,8 @@ def double(features: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def mixed_features(mol_dir, tmp_path_factory):  # noqa: F811
-    """(boltz's feats [1, ...] float64, our token and atom dicts [1, ...] float64, N) of the mixed input."""
+    """(boltz's feats [1, ...] float64, our token and atom dicts [1, ...] float64, N, our Features) of the mixed
+    input."""
     from mpi4py import MPI
 
     tmp_path = tmp_path_factory.mktemp(f"diffusion{MPI.COMM_WORLD.Get_rank()}")
@@ -33,9 +34,8 @@ def mixed_features(mol_dir, tmp_path_factory):  # noqa: F811
     torch.manual_seed(0)
     ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
     feats = {k: v[None] for k, v in double(ref_feats).items()}
-    token = {k: v[None] for k, v in double(ours.token).items()}
-    atom = {k: v[None] for k, v in double(ours.atom).items() if v.dim() and v.shape[0] == ours.n_atoms}
-    return feats, token, atom, ours.n_tokens
+    token, atom = ours.model_inputs(torch.float64)
+    return feats, token, atom, ours.n_tokens, ours
 
 
 def test_diffusion_conditioning_equals_boltz(grid, mixed_features):
@@ -43,7 +43,7 @@ def test_diffusion_conditioning_equals_boltz(grid, mixed_features):
 
     from foldcp_hpc.model.diffusion_conditioning import DiffusionConditioning
 
-    feats, token, atom, n_tokens = mixed_features
+    feats, token, atom, n_tokens, _ = mixed_features
     hp = reduced_boltz2_hparams(atom_depth=2, token_transformer_depth=2)
     args = diffusion_conditioning_args(hp)
     torch.manual_seed(0)
@@ -116,7 +116,7 @@ def build_pair(grid, hp, seed):
 def test_score_model_equals_boltz(grid, mixed_features):
     """One denoising call with two samples (multiplicity 2): r_update of the own atoms, and the gradients of
     every score-model parameter, of r_noisy and of s_trunk / s_inputs."""
-    feats, token, atom, n_tokens = mixed_features
+    feats, token, atom, n_tokens, _ = mixed_features
     hp = reduced_boltz2_hparams(atom_depth=2, token_transformer_depth=2)
     ref_cond, ref_score, cond, score = build_pair(grid, hp, seed=30)
     c_s, c_z, mult = hp["token_s"], hp["token_z"], 2
@@ -162,7 +162,7 @@ def test_sampler_equals_boltz(grid, mixed_features):
 
     from foldcp_hpc.model.sampler import AtomDiffusion
 
-    feats, token, atom, n_tokens = mixed_features
+    feats, token, atom, n_tokens, _ = mixed_features
     hp = reduced_boltz2_hparams(atom_depth=1, token_transformer_depth=2)
     ref_cond, ref_score, cond, _ = build_pair(grid, hp, seed=40)
     ref = Ref(score_model_args=score_model_args(hp), **hp["diffusion_process_args"]).double().eval()
@@ -206,3 +206,64 @@ def test_sampler_equals_boltz(grid, mixed_features):
     error = relative_error(coords, reference)
     same = grid.comm.allgather(float(coords.sum()))
     assert everywhere(grid, error <= 1e-8 and len(set(same)) == 1), (error, same)
+
+
+def test_confidence_equals_boltz(grid, mixed_features):
+    """Boltz-2's confidence module (one Pairformer block, separate intra/inter heads, z input features) on two
+    sampled structures, run one after another as boltz predict does: every output, and the gradients of the
+    logits heads' parameters and of the Pairformer's."""
+    from boltz.model.modules.confidencev2 import ConfidenceModule as Ref
+
+    from foldcp_hpc.model.confidence import ConfidenceModule
+
+    feats, token, atom, n_tokens, ours = mixed_features
+    hp = reduced_boltz2_hparams(confidence_blocks=1)
+    args = dict(token_level_confidence=True, bond_type_feature=hp["bond_type_feature"],
+                fix_sym_check=hp["fix_sym_check"], cyclic_pos_enc=hp["cyclic_pos_enc"],
+                conditioning_cutoff_min=hp["conditioning_cutoff_min"],
+                conditioning_cutoff_max=hp["conditioning_cutoff_max"], **hp["confidence_model_args"])
+    torch.manual_seed(50)
+    np.random.seed(50)
+    ref = perturb_(Ref(hp["token_s"], hp["token_z"], **args).double(), seed=51).eval()
+    args["pairformer_args"] = dict(hp["confidence_model_args"]["pairformer_args"])
+    mine = ConfidenceModule(hp["token_s"], hp["token_z"], **args, grid=grid).double().eval()
+    mine.load_state_dict(ref.state_dict(), strict=True)
+
+    c_s, c_z, n_atoms = hp["token_s"], hp["token_z"], atom["ref_pos"].shape[1]
+    s_inputs = shared_randn(1, n_tokens, c_s, seed=52)
+    s = shared_randn(1, n_tokens, c_s, seed=53)
+    z = shared_randn(1, n_tokens, n_tokens, c_z, seed=54)
+    coords = 6 * shared_randn(2, n_atoms, 3, seed=55)  # contacts under 8 A and every distance bin occur
+    distogram = shared_randn(1, n_tokens, n_tokens, 64, seed=56)
+    with float64_reference():
+        out = ref(s_inputs, s, z, coords, feats, distogram, multiplicity=2, run_sequentially=True)
+    weights = {k: shared_randn(*out[f"{k}_logits"][:1].shape, seed=60 + i)
+               for i, k in enumerate(("pae", "pde", "plddt", "resolved"))}
+    sum((out[f"{k}_logits"][:1] * w).sum() for k, w in weights.items()).backward()
+
+    pair = {k: v[None] for k, v in ours.pair_tile(grid.p, grid.row, grid.col).items()}
+    z_tile, d_tile = grid.scatter_pair(z), grid.scatter_pair(distogram)
+    base = mine.pair_base(s_inputs, z_tile, token, pair)
+    nl = grid.layout(n_tokens)
+    valid = (slice(None), nl.valid_local(grid.row), nl.valid_local(grid.col))
+    size = grid.axis("grid").size
+    pairs = {}
+    for k in range(2):
+        got = mine(s_inputs, s, z_tile, coords[k:k + 1], token, atom, pair, d_tile, z_base=base)
+        if k == 0:
+            objective = sum((got.logits[name] * grid.scatter_pair(weights[name])).sum() for name in ("pae", "pde"))
+            objective = objective + sum((got.logits[name] * weights[name]).sum() / size for name in ("plddt", "resolved"))
+            objective.backward()
+        tile = lambda t: take_tile(t[k:k + 1], grid.p, grid.row, grid.col)[valid]  # noqa: E731
+        pairs[f"{k} pae"] = (got.pae.detach()[valid], tile(out["pae"]).detach(), 1e-10)
+        pairs[f"{k} pde"] = (got.pde.detach()[valid], tile(out["pde"]).detach(), 1e-10)
+        pairs[f"{k} pae_logits"] = (got.logits["pae"].detach()[valid], tile(out["pae_logits"]).detach(), 1e-10)
+        pairs[f"{k} plddt"] = (got.plddt.detach(), out["plddt"][k:k + 1].detach(), 1e-10)
+        for name in ("complex_plddt", "complex_iplddt", "complex_pde", "complex_ipde", "ptm", "iptm", "ligand_iptm",
+                     "protein_iptm"):
+            pairs[f"{k} {name}"] = (getattr(got, name).detach(), out[name][k:k + 1].detach(), 1e-10)
+        for a, row in out["pair_chains_iptm"].items():
+            for b, value in row.items():
+                pairs[f"{k} chain pair {a},{b}"] = (got.pair_chains_iptm[a][b].detach(), value[k:k + 1].detach(), 1e-10)
+    pairs.update(parameter_pairs(grid, ref, mine))
+    compare(grid, pairs)

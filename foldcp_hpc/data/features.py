@@ -107,6 +107,26 @@ class Features:
                 "deletion_value": (np.pi / 2 * torch.arctan(deletion / 3))[None], "msa_paired": paired[None],
                 "msa_mask": mask[None]}
 
+    def model_inputs(self, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(token, atom) as the model modules read them, with a batch dim of 1, floats cast to ``dtype``.
+
+        token: every token 1-D feature [1, N, ...]; atom: every per-atom feature [1, M, ...] plus the
+        token-indexed atom maps ``token_to_rep_atom`` / ``token_to_center_atom`` [1, N], ``frames_idx``
+        [1, N, 3] and ``frame_resolved_mask`` [1, N].
+        """
+        def cast(t: Tensor) -> Tensor:
+            t = t.to(dtype) if (dtype is not None and t.is_floating_point()) else t
+            return t if device is None else t.to(device)
+
+        token = {k: cast(v)[None] for k, v in self.token.items()}
+        atom = {k: cast(v)[None] for k, v in self.atom.items() if v.dim() and v.shape[0] == self.n_atoms}
+        for key in ("token_to_rep_atom", "token_to_center_atom"):
+            atom[key] = cast(self.atom[key])[None]
+        for key in ("frames_idx", "frame_resolved_mask"):
+            atom[key] = cast(self.atom[key])  # already [1, N, ...]
+        return token, atom
+
     @property
     def n_tokens(self) -> int:
         return int(self.token["token_index"].shape[0])

@@ -1,0 +1,1 @@
+"""Outputs: structure and confidence files in Boltz-2's layout."""
