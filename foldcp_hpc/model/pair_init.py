@@ -12,7 +12,7 @@ state dict loads strictly.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
@@ -149,6 +149,17 @@ class PairInitializer(nn.Module):
     def state_from_boltz(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """The entries of a Boltz-2 state dict that belong here."""
         return {k: v for k, v in state.items() if k.startswith(cls.PREFIXES)}
+
+    def relative_positions(self, token: dict[str, Tensor], n_tokens: int) -> "Callable[[slice], Tensor]":
+        """The relative-position encoding of this rank's tile, as a function of the tile's rows ``sl``
+        ([B, rows, n, C_z]): the diffusion conditioning reads it in row chunks, so it is never held whole."""
+        grid = self.grid
+        layout = grid.layout(n_tokens)
+        keys = ("asym_id", "residue_index", "entity_id", "token_index", "sym_id", "cyclic_period")
+        rows = {k: _block(token[k], layout, grid.row) for k in keys}
+        cols = {k: _block(token[k], layout, grid.col) for k in keys}
+        any_cyclic = bool(torch.any(token["cyclic_period"] > 0))
+        return lambda sl: self.rel_pos({k: v[:, sl] for k, v in rows.items()}, cols, any_cyclic)
 
     def forward(self, s_inputs: Tensor, token: dict[str, Tensor], pair: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """s_inputs: [B, N, C_s] replicated; token: 1-D token features ``[B, N]`` (``asym_id``, ``residue_index``,

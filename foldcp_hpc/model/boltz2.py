@@ -1,0 +1,138 @@
+"""The whole Boltz-2 model on the grid: trunk, diffusion conditioning, sampler and confidence, run as
+``Boltz2.forward`` runs them at inference (``boltz predict``: confidence one sample at a time).
+
+``FoldModel.load_boltz_state`` takes a Boltz-2 state dict (a checkpoint's, or ``Boltz2(...)``'s random one)
+and loads it strictly; the only Boltz-2 parameters not used are the b-factor head's (``bfactor_module.*``:
+Boltz-2 predicts b-factors but writes none of them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..data.boltz2_hparams import diffusion_conditioning_args
+from ..distributed.autograd import gather_pair
+from .confidence import ConfidenceModule, SampleConfidence
+from .diffusion_conditioning import DiffusionConditioning
+from .sampler import AtomDiffusion
+from .trunk import Trunk, TrunkOutput
+
+if TYPE_CHECKING:
+    from ..data.features import Features
+    from ..distributed.grid import ProcessGrid
+
+__all__ = ["FoldModel", "Prediction", "UNUSED_BOLTZ_PREFIXES"]
+
+UNUSED_BOLTZ_PREFIXES = ("bfactor_module.",)
+
+
+@dataclass
+class Prediction:
+    """What a run produces, on every rank.
+
+    coords: [samples, M, 3] replicated; trunk: the trunk's output (tiles); confidence: one
+    :class:`~foldcp_hpc.model.confidence.SampleConfidence` per sample (tiles and replicated values); pae, pde:
+    [samples, N, N] gathered only when asked for (the output path), else None.
+    """
+
+    coords: Tensor
+    trunk: TrunkOutput
+    confidence: list[SampleConfidence]
+    pae: Optional[Tensor] = None
+    pde: Optional[Tensor] = None
+
+
+class FoldModel(nn.Module):
+    """Boltz-2 on the grid, built from ``Boltz2``'s hyper-parameters; submodules named as Boltz-2's."""
+
+    def __init__(self, hparams: dict[str, Any], *, grid: "ProcessGrid") -> None:
+        super().__init__()
+        self.grid = grid
+        self.hparams = hparams
+        token_s, token_z = hparams["token_s"], hparams["token_z"]
+        self.trunk = Trunk(hparams, grid=grid)
+        self.diffusion_conditioning = DiffusionConditioning(**diffusion_conditioning_args(hparams), grid=grid)
+        score_model_args = {"token_s": token_s, "atom_s": hparams["atom_s"],
+                            "atoms_per_window_queries": hparams["atoms_per_window_queries"],
+                            "atoms_per_window_keys": hparams["atoms_per_window_keys"], **hparams["score_model_args"]}
+        self.structure_module = AtomDiffusion(score_model_args, **hparams["diffusion_process_args"], grid=grid)
+        self.confidence_prediction = hparams.get("confidence_prediction", True)
+        if self.confidence_prediction:
+            args = dict(hparams["confidence_model_args"])
+            args["pairformer_args"] = dict(args["pairformer_args"])
+            self.confidence_module = ConfidenceModule(
+                token_s, token_z, token_level_confidence=hparams.get("token_level_confidence", True),
+                bond_type_feature=hparams.get("bond_type_feature", False),
+                fix_sym_check=hparams.get("fix_sym_check", False), cyclic_pos_enc=hparams.get("cyclic_pos_enc", False),
+                conditioning_cutoff_min=hparams.get("conditioning_cutoff_min"),
+                conditioning_cutoff_max=hparams.get("conditioning_cutoff_max"), **args, grid=grid)
+        steering = hparams.get("steering_args") or {}
+        self.steering = [k for k in ("fk_steering", "physical_guidance_update", "contact_guidance_update")
+                         if steering.get(k)]
+
+    def load_boltz_state(self, state: dict[str, Tensor]) -> None:
+        """Load a Boltz-2 state dict strictly (every parameter of ours from it; nothing of it unused but the
+        b-factor head). Raises ValueError naming the missing or unexpected keys."""
+        mine = {f"trunk.{k}": v for k, v in self.trunk.boltz_state(state).items()}
+        trunk_sources = {k[len("pair_init."):] if k.startswith("pair_init.") else k for k in self.trunk.state_dict()}
+        for name in self.state_dict():
+            if not name.startswith("trunk."):
+                if name not in state:
+                    raise ValueError(f"Boltz-2 state dict lacks {name!r}")
+                mine[name] = state[name]
+        unused = [k for k in state if k not in mine and k not in trunk_sources
+                  and not k.startswith(UNUSED_BOLTZ_PREFIXES)]
+        if unused:
+            raise ValueError(f"{len(unused)} Boltz-2 parameters have no place in this model, e.g. {unused[:3]}")
+        self.load_state_dict(mine, strict=True)
+
+    @torch.no_grad()
+    def predict(self, features: "Features", *, recycling_steps: int, sampling_steps: int, diffusion_samples: int,
+                max_parallel_samples: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
+                gather_pae: bool = False, gather_pde: bool = False,
+                progress: Optional[Callable[[str, int, int], None]] = None) -> Prediction:
+        """Fold one input: features in, coordinates and confidence out (see :class:`Prediction`).
+
+        generator: seeded alike on every rank; progress(stage, done, total) is called as stages advance.
+        """
+        if self.steering:
+            raise ValueError(f"inference-time steering ({', '.join(self.steering)}) is not implemented; "
+                             "set the checkpoint's steering_args off")
+        grid = self.grid
+        device = grid.device
+        report = progress or (lambda stage, done, total: None)
+        token, atom = features.model_inputs(dtype, device)
+        pair = {k: v[None].to(device) for k, v in features.pair_tile(grid.p, grid.row, grid.col).items()}
+        template = {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in features.template.items()}
+        msa = {k: v.to(device) for k, v in features.msa_model_block(grid.p, grid.row, grid.col).items()}
+        n_tokens = features.n_tokens
+
+        report("trunk", 0, 1)
+        trunk = self.trunk(token, atom, pair, template, msa, features.msa.n_rows, recycling_steps=recycling_steps)
+        report("trunk", 1, 1)
+        rel = self.trunk.pair_init.relative_positions(token, n_tokens)
+        conditioning = self.diffusion_conditioning(trunk.s, trunk.z, rel, token, atom)
+        coords = self.structure_module.sample(
+            trunk.s_inputs, trunk.s, token, atom, conditioning, generator, num_sampling_steps=sampling_steps,
+            multiplicity=diffusion_samples, max_parallel_samples=max_parallel_samples,
+            on_step=lambda step, total: report("sampling", step, total))
+        del conditioning
+        confidences, pae, pde = [], [], []
+        if self.confidence_prediction:
+            base = self.confidence_module.pair_base(trunk.s_inputs, trunk.z, token, pair)
+            for k in range(diffusion_samples):
+                result = self.confidence_module(trunk.s_inputs, trunk.s, trunk.z, coords[k:k + 1], token, atom, pair,
+                                                trunk.distogram[..., 0, :], z_base=base)
+                result.logits.clear()  # the logits tiles are not kept past the heads
+                if gather_pae:
+                    pae.append(gather_pair(result.pae[..., None], grid, n_tokens)[..., 0])
+                if gather_pde:
+                    pde.append(gather_pair(result.pde[..., None], grid, n_tokens)[..., 0])
+                confidences.append(result)
+                report("confidence", k + 1, diffusion_samples)
+        return Prediction(coords=coords, trunk=trunk, confidence=confidences,
+                          pae=torch.cat(pae) if pae else None, pde=torch.cat(pde) if pde else None)
