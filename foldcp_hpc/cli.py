@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     featurize = commands.add_parser("featurize", help="check and featurize the job's input; print a summary")
     featurize.add_argument("job", help="job file (TOML) with an [input] section")
     featurize.add_argument("overrides", nargs="*", metavar="section.key=value", help="override job-file values")
+    run = commands.add_parser("run", help="fold the job's input and write Boltz-layout predictions")
+    run.add_argument("job", help="job file (TOML)")
+    run.add_argument("overrides", nargs="*", metavar="section.key=value", help="override job-file values")
     return parser
 
 
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             from .featurize import run_featurize
 
             return run_featurize(args.job, args.overrides)
+        if args.command == "run":
+            from .run import run_job
+
+            return run_job(args.job, args.overrides)
     return 0
 
 

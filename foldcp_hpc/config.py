@@ -28,7 +28,8 @@ else:  # pragma: no cover - Python 3.10
 from .distributed.transport import TRANSPORTS
 from .errors import UniformError
 
-__all__ = ["ConfigError", "GridConfig", "RuntimeConfig", "InputConfig", "JobConfig", "load_job", "parse_overrides"]
+__all__ = ["ConfigError", "GridConfig", "RuntimeConfig", "InputConfig", "ModelConfig", "SamplingConfig", "OutputConfig",
+           "JobConfig", "load_job", "parse_overrides"]
 
 
 class ConfigError(UniformError):
@@ -89,6 +90,49 @@ class InputConfig:
         "Rows read from each chain's MSA file (Boltz's --max_msa_seqs).", check=_positive))
 
 
+ARCHITECTURES = ("boltz2", "boltz2-small")
+DTYPES = ("float32", "float64")
+OUTPUT_FORMATS = ("mmcif", "pdb")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: which weights, which architecture, which precision."""
+
+    checkpoint: str = field(default="random", metadata=_doc(
+        "A Boltz-2 checkpoint (boltz2_conf.ckpt, as boltz downloads it), or \"random\" for seeded random weights "
+        "(every output is then labelled untrained)."))
+    architecture: str = field(default="boltz2", metadata=_doc(
+        "With random weights: boltz2 (the released sizes) or boltz2-small (the same widths with 2 Pairformer "
+        "blocks, 1 MSA block, 2 token-transformer layers, 1 atom layer, 1 confidence block: demos and tests). A "
+        "checkpoint brings its own architecture.", ARCHITECTURES))
+    dtype: str = field(default="float32", metadata=_doc("Floating-point precision of the model.", DTYPES))
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """``[sampling]``: Boltz's prediction settings (the defaults are ``boltz predict``'s)."""
+
+    recycling_steps: int = field(default=3, metadata=_doc("Trunk recycling steps.",
+                                                          check=lambda v: None if v >= 0 else f"must be >= 0, got {v}"))
+    sampling_steps: int = field(default=200, metadata=_doc("Diffusion sampler steps.", check=lambda v: None if v >= 2
+                                                           else f"must be at least 2, got {v}"))
+    diffusion_samples: int = field(default=1, metadata=_doc("Structures sampled per input.", check=_positive))
+    max_parallel_samples: int = field(default=5, metadata=_doc(
+        "Samples denoised together (Boltz's chunking of the samples).", check=_positive))
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``[output]``: where and what to write."""
+
+    dir: str = field(default="foldcp_results", metadata=_doc(
+        "Output folder (relative to the job file's folder); predictions go to <dir>/predictions/<input name>/."))
+    format: str = field(default="mmcif", metadata=_doc("Structure file format.", OUTPUT_FORMATS))
+    write_full_pae: bool = field(default=False, metadata=_doc("Also write the full PAE matrices (pae_*.npz)."))
+    write_full_pde: bool = field(default=False, metadata=_doc("Also write the full PDE matrices (pde_*.npz)."))
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """A whole job: one attribute per section."""
@@ -96,6 +140,9 @@ class JobConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     input: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
     def resolve(self, path: str) -> Path:
@@ -106,7 +153,8 @@ class JobConfig:
         return Path(os.path.normpath(Path(self.source).parent / candidate))
 
 
-SECTIONS: dict[str, type] = {"grid": GridConfig, "runtime": RuntimeConfig, "input": InputConfig}
+SECTIONS: dict[str, type] = {"grid": GridConfig, "runtime": RuntimeConfig, "input": InputConfig,
+                             "model": ModelConfig, "sampling": SamplingConfig, "output": OutputConfig}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -204,4 +252,8 @@ def load_job(path: str | Path | None, overrides: Sequence[str] = ()) -> JobConfi
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {name!r} must be a table [{name}], got {table!r}")
         sections[name] = _build_section(SECTIONS[name], table, source, name)
-    return JobConfig(**sections, source=source)
+    job = JobConfig(**sections, source=source)
+    if job.model.checkpoint != "random" and job.model.architecture != "boltz2":
+        raise ConfigError(f"{source}: [model] architecture: {job.model.architecture!r} applies to random weights; "
+                          "a checkpoint brings its own architecture (leave architecture unset)")
+    return job

@@ -38,8 +38,10 @@ def tokenize_input(path, cache_dir, max_msa_seqs: int = 8192) -> tuple[Any, Any,
     return parsed, Boltz2Tokenizer().tokenize(data), msas
 
 
-def features_of(path, cache_dir, max_tokens: int | None = None, max_msa_seqs: int = 8192) -> tuple["Features", dict]:
-    """Parse, tokenize and featurize one input on this rank; returns the features and a summary."""
+def features_of(path, cache_dir, max_tokens: int | None = None, max_msa_seqs: int = 8192,
+                keep_parsed: bool = False) -> tuple:
+    """Parse, tokenize and featurize one input on this rank; returns the features and a summary (and, with
+    ``keep_parsed``, the parsed input: its structure is what the output writer needs)."""
     parsed, tokenized, msas = tokenize_input(path, cache_dir, max_msa_seqs)
     import numpy as np
 
@@ -57,8 +59,8 @@ def features_of(path, cache_dir, max_tokens: int | None = None, max_msa_seqs: in
     summary = {"chains": len(chains), "tokens": n_tokens, "atoms": int(features.atom["atom_pad_mask"].sum()),
                "atoms_padded": features.n_atoms, "bonds": int(len(features.bonds)),
                "constraint_writes": len(features.contacts), "msa_rows": features.msa.n_rows,
-               "msa_chains": len(msas)}
-    return features, summary
+               "msa_chains": len(msas), "name": target.record.id}
+    return (features, summary, parsed) if keep_parsed else (features, summary)
 
 
 def run_featurize(job_path: str, overrides: list[str]) -> int:

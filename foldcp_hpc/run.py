@@ -1,0 +1,121 @@
+"""``foldcp-hpc run job.toml``: fold the job's input on the grid and write Boltz-layout predictions.
+
+Rank 0 reads and featurizes the input (a bad input or job file ends the whole job with one line before the grid
+starts); every rank then builds the grid, receives the weights (rank 0 reads the checkpoint, or makes seeded
+random weights), and runs the model on its tiles; rank 0 writes the outputs and says where.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import ConfigError, load_job
+from .featurize import features_of
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from .config import JobConfig
+
+__all__ = ["run_job", "hparams_for"]
+
+
+def hparams_for(job: "JobConfig") -> dict | None:
+    """The Boltz2 hyper-parameters for random weights (None: the checkpoint's own)."""
+    from .data.boltz2_hparams import boltz2_hparams, reduced_boltz2_hparams
+
+    if job.model.checkpoint != "random":
+        return None
+    return reduced_boltz2_hparams() if job.model.architecture == "boltz2-small" else boltz2_hparams()
+
+
+def confidence_rows(prediction) -> list[dict]:
+    """One dict per sample with Boltz-2's summary values (Python floats), confidence_score as boltz computes it:
+    4/5 complex pLDDT + 1/5 ipTM, or pTM when every sample's ipTM is zero (single chain)."""
+    import torch
+
+    confidences = prediction.confidence
+    iptm = torch.cat([c.iptm for c in confidences])
+    use_iptm = not torch.allclose(iptm, torch.zeros_like(iptm))
+    rows = []
+    for conf in confidences:
+        interface = conf.iptm if use_iptm else conf.ptm
+        row = {"confidence_score": float((4 * conf.complex_plddt + interface) / 5)}
+        for key in ("ptm", "iptm", "ligand_iptm", "protein_iptm", "complex_plddt", "complex_iplddt", "complex_pde",
+                    "complex_ipde"):
+            row[key] = float(getattr(conf, key))
+        row["pair_chains_iptm"] = {int(a): {int(b): float(v) for b, v in inner.items()}
+                                   for a, inner in conf.pair_chains_iptm.items()}
+        rows.append(row)
+    return rows
+
+
+def run_job(job_path: str, overrides: list[str]) -> int:
+    job = load_job(job_path, overrides)
+    if job.input.path is None:
+        raise ConfigError(f"{job.source}: [input] path: required (the Boltz .yaml or .fasta to fold)")
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    progress = Progress(world.Get_rank() == 0)
+    package, parsed = None, None
+    if world.Get_rank() == 0:
+        progress.say(f"job {job.source}: reading {job.resolve(job.input.path)}")
+        features, summary, parsed = features_of(job.resolve(job.input.path), job.resolve(job.input.ccd_cache),
+                                                job.input.max_tokens, job.input.max_msa_seqs, keep_parsed=True)
+        package = (features, summary)
+    features, summary = world.bcast(package, root=0)
+
+    import torch
+
+    from .data.weights import load_weights
+    from .distributed.grid import ProcessGrid
+    from .model.boltz2 import FoldModel
+
+    dtype = {"float32": torch.float32, "float64": torch.float64}[job.model.dtype]
+    with ProcessGrid.create(job.grid.cp, job.grid.dp, backend=job.runtime.backend,
+                            timeout_s=job.runtime.timeout_s) as grid:
+        progress.say(f"input {summary['name']}: {summary['tokens']} tokens, {summary['atoms']} atoms, "
+                     f"{summary['chains']} chains, MSA of {summary['msa_rows']} rows; {grid.dp} x {grid.p}x{grid.p} "
+                     f"grid of {grid.world_size} ranks, transport {grid.transport.name}, {job.model.dtype}")
+        source = job.model.checkpoint if job.model.checkpoint == "random" else job.resolve(job.model.checkpoint)
+        weights = load_weights(grid, source, hparams_for(job), seed=job.runtime.seed)
+        untrained = weights.untrained
+        progress.say(f"weights: {weights.source}" + (" (UNTRAINED: outputs are not predictions)"
+                                                     if untrained else ""))
+        model = FoldModel(weights.hparams, grid=grid)
+        model.load_boltz_state(weights.state_dict)
+        del weights
+        model = model.to(device=grid.device, dtype=dtype).eval()
+        generator = torch.Generator(device=grid.device).manual_seed(job.runtime.seed)
+        sampling = job.sampling
+        start = time.perf_counter()
+        prediction = model.predict(
+            features, recycling_steps=sampling.recycling_steps, sampling_steps=sampling.sampling_steps,
+            diffusion_samples=sampling.diffusion_samples, max_parallel_samples=sampling.max_parallel_samples,
+            generator=generator, dtype=dtype, gather_pae=job.output.write_full_pae,
+            gather_pde=job.output.write_full_pde, progress=progress)
+        seconds = time.perf_counter() - start
+        rows = confidence_rows(prediction)
+        if grid.rank == 0:
+            written = _write(job, parsed, prediction, rows, untrained=untrained)
+            best = max(rows, key=lambda r: r["confidence_score"])
+            progress.say(f"model ran in {seconds:.1f} s; best confidence_score {best['confidence_score']:.4f}")
+            progress.say(f"wrote {len(written)} files to {written[0].parent}")
+    return 0
+
+
+def _write(job: "JobConfig", parsed, prediction, rows: list[dict], untrained: bool) -> list[Path]:
+    """Rank 0: the Boltz-layout files of every sample."""
+    import torch
+
+    from .io.predictions import write_predictions
+
+    name = parsed.target.record.id
+    plddt = torch.cat([c.plddt for c in prediction.confidence]).float().cpu().numpy()
+    pae = prediction.pae.float().cpu().numpy() if prediction.pae is not None else None
+    pde = prediction.pde.float().cpu().numpy() if prediction.pde is not None else None
+    return write_predictions(job.resolve(job.output.dir), name, parsed.target.structure,
+                             prediction.coords.float().cpu().numpy(), plddt, rows, pae=pae, pde=pde,
+                             output_format=job.output.format, untrained=untrained)
