@@ -65,6 +65,8 @@ def run_job(job_path: str, overrides: list[str]) -> int:
         features, summary, parsed = features_of(job.resolve(job.input.path), job.resolve(job.input.ccd_cache),
                                                 job.input.max_tokens, job.input.max_msa_seqs, keep_parsed=True)
         package = (features, summary)
+        for line in _not_applied(parsed):
+            progress.say(f"note: {line}")
     features, summary = world.bcast(package, root=0)
 
     import torch
@@ -104,6 +106,20 @@ def run_job(job_path: str, overrides: list[str]) -> int:
             progress.say(f"model ran in {seconds:.1f} s; best confidence_score {best['confidence_score']:.4f}")
             progress.say(f"wrote {len(written)} files to {written[0].parent}")
     return 0
+
+
+def _not_applied(parsed) -> list[str]:
+    """What ``boltz predict`` would do for this input that this version does not."""
+    notes = []
+    record = parsed.target.record
+    if getattr(record, "affinity", None) is not None:
+        notes.append("the input asks for affinity (properties: affinity); the affinity module is not implemented, "
+                     "so no affinity_*.json is written")
+    options = record.inference_options
+    if options is not None and (options.pocket_constraints or options.contact_constraints):
+        notes.append("pocket / contact constraints condition the model as in Boltz-2, but boltz predict's contact "
+                     "guidance potentials during sampling are not implemented")
+    return notes
 
 
 def _write(job: "JobConfig", parsed, prediction, rows: list[dict], untrained: bool) -> list[Path]:

@@ -32,8 +32,9 @@ MIB = 1024 * 1024
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m foldcp_hpc.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    helps = {"pairformer": "one Pairformer layer forward", "trunk": "the whole trunk forward (one recycle)"}
-    for name in ("pairformer", "pairformer-worker", "trunk", "trunk-worker"):
+    helps = {"pairformer": "one Pairformer layer forward", "trunk": "the whole trunk forward (one recycle)",
+             "sampler": "the diffusion conditioning and one sampler step"}
+    for name in ("pairformer", "pairformer-worker", "trunk", "trunk-worker", "sampler", "sampler-worker"):
         sub = commands.add_parser(name, help=helps.get(name, argparse.SUPPRESS))
         sub.add_argument("--n", type=int, default=192, help="tokens N (default 192)")
         sub.add_argument("--c-s", type=int, default=384)
@@ -45,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--no-boltz", action="store_true", help="skip boltz's layer")
         sub.add_argument("--quick", action="store_true",
                          help="one run per size (no warm-up, no communication breakdown): for the largest sizes")
+        if name.startswith("sampler"):
+            sub.add_argument("--msa-rows", type=int, default=1)
+            sub.add_argument("--layers", type=int, default=24, help="token-transformer layers (Boltz-2: 24)")
+            sub.add_argument("--samples", type=int, default=1, help="samples denoised together")
         if name.startswith("trunk"):
             sub.add_argument("--msa-rows", type=int, default=64, help="MSA rows of the synthetic input (default 64)")
             sub.add_argument("--blocks", type=int, default=2,
@@ -72,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run_trunk_worker(args)
         return 0
+    if args.command == "sampler-worker":
+        from .sampler import run_worker as run_sampler_worker
+
+        run_sampler_worker(args)
+        return 0
     return _drive(args)
 
 
@@ -85,6 +95,8 @@ def _drive(args: argparse.Namespace) -> int:
         worker_args.append("--quick")
     if args.command == "trunk":
         worker_args += [f"--msa-rows={args.msa_rows}", f"--blocks={args.blocks}", f"--recycles={args.recycles}"]
+    if args.command == "sampler":
+        worker_args += [f"--msa-rows={args.msa_rows}", f"--layers={args.layers}", f"--samples={args.samples}"]
     for ranks in (int(r) for r in args.ranks.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "rows.json"
@@ -103,9 +115,18 @@ def _drive(args: argparse.Namespace) -> int:
 
 
 def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    stages = list(dict.fromkeys(r.get("stage", "") for r in rows))
+    for stage in stages:
+        _print_stage([r for r in rows if r.get("stage", "") == stage], args, stage)
+
+
+def _print_stage(rows: list[dict], args: argparse.Namespace, stage: str) -> None:
     base = next((r for r in rows if r["impl"] == "foldcp_hpc" and r["ranks"] == 1), None)
     boltz = next((r for r in rows if r["impl"] == "boltz"), None)
     what = "One Pairformer layer forward"
+    if args.command == "sampler":
+        what = (f"Diffusion: {stage} ({args.layers} token-transformer layers, {args.samples} sample(s), "
+                f"{rows[0].get('atoms', '?')} atoms)")
     if args.command == "trunk":
         what = (f"The trunk forward ({args.recycles} recycle(s), {args.blocks} Pairformer blocks, "
                 f"{args.msa_rows} MSA rows, {rows[0].get('atoms', '?')} atoms)")
