@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from ..distributed import autograd as cp
 from ..distributed import collectives as raw
 from .common import ChunkWriter, row_chunks, rows_within
-from .pair_init import N_BOND_TYPES, ContactConditioning, RelativePositionEncoder, _block
+from .pair_init import (N_BOND_TYPES, ContactConditioning, RelativePositionEncoder, _block, pair_feature_rows,
+                        tile_tokens)
 from .pairformer import PairformerModule
 
 if TYPE_CHECKING:
@@ -249,10 +250,7 @@ class ConfidenceModule(nn.Module):
         n_tokens = s_inputs.shape[1]
         layout = grid.layout(n_tokens)
         s_inputs = self.s_inputs_norm(s_inputs)
-        keys = ("asym_id", "residue_index", "entity_id", "token_index", "sym_id", "cyclic_period")
-        rows = {k: _block(token[k], layout, grid.row) for k in keys}
-        cols = {k: _block(token[k], layout, grid.col) for k in keys}
-        any_cyclic = bool(torch.any(token["cyclic_period"] > 0))
+        rows, cols, any_cyclic = tile_tokens(token, grid, n_tokens)
         row_terms = _block(self.s_to_z(s_inputs), layout, grid.row)  # [B, n, C_z]
         col_terms = _block(self.s_to_z_transpose(s_inputs), layout, grid.col)
         if self.add_s_to_z_prod:
@@ -264,11 +262,7 @@ class ConfidenceModule(nn.Module):
         for sl in row_chunks(n, rows_within(CHUNK_BUDGET * z.numel(), per_row, n)):
             out = self.z_norm(z[:, sl])
             if self.add_z_input_to_z:
-                out = out + self.rel_pos({k: v[:, sl] for k, v in rows.items()}, cols, any_cyclic)
-                out = out + self.token_bonds(pair["token_bonds"][:, sl, :, None].to(out.dtype))
-                if self.bond_type_feature:
-                    out = out + self.token_bonds_type(pair["type_bonds"][:, sl].long())
-                out = out + self.contact_conditioning(pair["contact_class"][:, sl], pair["contact_threshold"][:, sl])
+                out = out + pair_feature_rows(self, rows, cols, any_cyclic, pair, sl, out.dtype)[0]
             out = out + row_terms[:, sl, None, :] + col_terms[:, None, :, :]
             if self.add_s_to_z_prod:
                 out = out + self.s_to_z_prod_out(prod_rows[:, sl, None, :] * prod_cols[:, None, :, :])

@@ -44,6 +44,31 @@ def _block(values: Tensor, layout: TileLayout, index: int, dim: int = 1) -> Tens
     return out
 
 
+RELPOS_KEYS = ("asym_id", "residue_index", "entity_id", "token_index", "sym_id", "cyclic_period")
+
+
+def tile_tokens(token: dict[str, Tensor], grid: "ProcessGrid", n_tokens: int) -> tuple[dict, dict, bool]:
+    """The 1-D token features the relative positions read, for this tile's rows and columns, and whether any
+    token of the input is cyclic (a global switch in Boltz)."""
+    layout = grid.layout(n_tokens)
+    rows = {k: _block(token[k], layout, grid.row) for k in RELPOS_KEYS}
+    cols = {k: _block(token[k], layout, grid.col) for k in RELPOS_KEYS}
+    return rows, cols, bool(torch.any(token["cyclic_period"] > 0))
+
+
+def pair_feature_rows(module: nn.Module, rows: dict, cols: dict, any_cyclic: bool, pair: dict[str, Tensor],
+                      sl: slice, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Rows ``sl`` of the tile's pair-feature terms: relative positions + bonds (+ bond types) + contact
+    conditioning, with ``module``'s Boltz-named submodules (``rel_pos``, ``token_bonds``, ``token_bonds_type``
+    when ``module.bond_type_feature``, ``contact_conditioning``). returns (sum [B, rows, n, C_z], rel part)."""
+    rel = module.rel_pos({k: v[:, sl] for k, v in rows.items()}, cols, any_cyclic)
+    terms = rel + module.token_bonds(pair["token_bonds"][:, sl, :, None].to(dtype))
+    if module.bond_type_feature:
+        terms = terms + module.token_bonds_type(pair["type_bonds"][:, sl].long())
+    terms = terms + module.contact_conditioning(pair["contact_class"][:, sl], pair["contact_threshold"][:, sl])
+    return terms, rel
+
+
 class FourierEmbedding(nn.Module):
     """cos(2 pi (w t + b)) with fixed random w, b (AF3 Algorithm 22); Boltz's parameter names."""
 
@@ -153,12 +178,7 @@ class PairInitializer(nn.Module):
     def relative_positions(self, token: dict[str, Tensor], n_tokens: int) -> "Callable[[slice], Tensor]":
         """The relative-position encoding of this rank's tile, as a function of the tile's rows ``sl``
         ([B, rows, n, C_z]): the diffusion conditioning reads it in row chunks, so it is never held whole."""
-        grid = self.grid
-        layout = grid.layout(n_tokens)
-        keys = ("asym_id", "residue_index", "entity_id", "token_index", "sym_id", "cyclic_period")
-        rows = {k: _block(token[k], layout, grid.row) for k in keys}
-        cols = {k: _block(token[k], layout, grid.col) for k in keys}
-        any_cyclic = bool(torch.any(token["cyclic_period"] > 0))
+        rows, cols, any_cyclic = tile_tokens(token, self.grid, n_tokens)
         return lambda sl: self.rel_pos({k: v[:, sl] for k, v in rows.items()}, cols, any_cyclic)
 
     def forward(self, s_inputs: Tensor, token: dict[str, Tensor], pair: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -172,10 +192,7 @@ class PairInitializer(nn.Module):
         grid = self.grid
         layout = grid.layout(s_inputs.shape[1])
         n = layout.n_local
-        keys = ("asym_id", "residue_index", "entity_id", "token_index", "sym_id", "cyclic_period")
-        rows = {k: _block(token[k], layout, grid.row) for k in keys}
-        cols = {k: _block(token[k], layout, grid.col) for k in keys}
-        any_cyclic = bool(torch.any(token["cyclic_period"] > 0))
+        rows, cols, any_cyclic = tile_tokens(token, grid, s_inputs.shape[1])
         z_rows = _block(self.z_init_1(s_inputs), layout, grid.row)  # [B, n, C_z]
         z_cols = _block(self.z_init_2(s_inputs), layout, grid.col)
 
@@ -184,13 +201,9 @@ class PairInitializer(nn.Module):
         rows_per_chunk = rows_within(CHUNK_BUDGET * batch * n * n * self.token_z, batch * n * width, n)
         z_out, rel_out = ChunkWriter(dim=1, size=n), ChunkWriter(dim=1, size=n)
         for sl in row_chunks(n, rows_per_chunk):
-            rel = self.rel_pos({k: v[:, sl] for k, v in rows.items()}, cols, any_cyclic)
             z = z_rows[:, sl, None] + z_cols[:, None, :]
-            z = z + rel
-            z = z + self.token_bonds(pair["token_bonds"][:, sl, :, None].to(z.dtype))
-            if self.bond_type_feature:
-                z = z + self.token_bonds_type(pair["type_bonds"][:, sl].long())
-            z = z + self.contact_conditioning(pair["contact_class"][:, sl], pair["contact_threshold"][:, sl])
+            terms, rel = pair_feature_rows(self, rows, cols, any_cyclic, pair, sl, z.dtype)
+            z = z + terms
             z_out.put(sl, z)
             rel_out.put(sl, rel)
         return z_out.result(), rel_out.result()
