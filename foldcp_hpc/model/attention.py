@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..distributed import autograd as cp
 from ..distributed import collectives as raw
-from .common import PAD_BIAS, at_least_f32, block_is_padding
+from .common import PAD_BIAS, at_least_f32, block_is_padding, per_token
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -61,12 +61,13 @@ class AttentionPairBias(nn.Module):
         batch, n_tokens = s.shape[0], s.shape[1]
         heads, width = self.num_heads, self.head_dim
 
-        q = cp.scatter_tokens(self.proj_q(s), grid, by="row").view(batch, -1, heads, width)  # [B,I,H,D] block r
-        k = cp.scatter_tokens(self.proj_k(k_in), grid, by="col").view(batch, -1, heads, width)  # [B,J,H,D] block c
-        v = cp.scatter_tokens(self.proj_v(k_in), grid, by="col").view(batch, -1, heads, width)
+        # projections of the own blocks only (row block r for queries, column block c for keys and values)
+        q = self.proj_q(cp.scatter_tokens(s, grid, by="row")).view(batch, -1, heads, width)  # [B,I,H,D] block r
+        keys_in = cp.scatter_tokens(k_in, grid, by="col")
+        k = self.proj_k(keys_in).view(batch, -1, heads, width)  # [B,J,H,D] block c
+        v = self.proj_v(keys_in).view(batch, -1, heads, width)
         key_mask = cp.scatter_tokens(at_least_f32(mask), grid, by="col")  # [B,J]
         bias = self.proj_z(z).repeat_interleave(multiplicity, 0)  # [B,H,I,J]
-        g = self.proj_g(s).sigmoid()
 
         with torch.autocast("cuda", enabled=False):
             logits = torch.einsum("bihd,bjhd->bhij", at_least_f32(q), at_least_f32(k))
@@ -83,4 +84,4 @@ class AttentionPairBias(nn.Module):
             o = (acc / norm.permute(0, 2, 1)[..., None]).to(v.dtype)  # [B,I,H,D] block r
         o = cp.gather_tokens(o, grid, n_tokens, by="row")  # [B,N,H,D] replicated
         o = o.reshape(batch, n_tokens, self.c_s)
-        return self.proj_o(g * o)
+        return per_token(lambda s_, o_: self.proj_o(self.proj_g(s_).sigmoid() * o_), grid, s, o)

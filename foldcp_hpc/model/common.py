@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
@@ -110,3 +110,24 @@ class ChunkWriter:
 
     def result(self) -> torch.Tensor:
         return torch.cat(self.parts, dim=self.dim) if self.out is None else self.out
+
+
+def per_token(fn: Callable[..., torch.Tensor], grid: "ProcessGrid", *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn(*tensors)`` for replicated token tensors, computed a slice of tokens per rank of the grid and
+    all-gathered: each rank does 1/p² of the work and holds 1/p² of the transients.
+
+    tensors: [B, N, ...] replicated, same N; fn maps them token by token (no mixing along dim 1).
+    returns: [B, N, ...] replicated, equal to ``fn(*tensors)``.
+    """
+    group = grid.axis("grid")
+    if group.size == 1:
+        return fn(*tensors)
+    n_tokens = tensors[0].shape[1]
+    width = -(-n_tokens // group.size)
+    start = min(n_tokens, group.index * width)
+    stop = min(n_tokens, start + width)
+    out = fn(*(t[:, start:stop] for t in tensors))
+    if stop - start < width:  # every rank sends the same shape
+        pad = [0, 0] * (out.dim() - 2) + [0, width - (stop - start)]
+        out = torch.nn.functional.pad(out, pad)
+    return cp.all_gather(out, grid, "grid", dim=1)[:, :n_tokens]

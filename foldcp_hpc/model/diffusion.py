@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .atom_encoder import AtomAttentionDecoder, AtomAttentionEncoder
 from .atom_transformer import AdaLN, ConditionedTransitionBlock
 from .attention import AttentionPairBias
+from .common import per_token
 from .pair_init import FourierEmbedding
 from .transition import Transition
 
@@ -57,6 +58,10 @@ class SingleConditioning(nn.Module):
             s = transition(s) + s
         return s
 
+    def distributed(self, times: Tensor, s_trunk: Tensor, s_inputs: Tensor, grid: "ProcessGrid") -> Tensor:
+        """:meth:`forward`, a slice of the tokens per rank of ``grid``, gathered (equal values)."""
+        return per_token(lambda a, b: self(times, a, b), grid, s_trunk, s_inputs)
+
 
 class TokenTransformerLayer(nn.Module):
     """Boltz's ``DiffusionTransformerLayer`` at token level: the attention bias is a tile of the precomputed
@@ -73,12 +78,17 @@ class TokenTransformerLayer(nn.Module):
         self.post_lnorm = nn.LayerNorm(dim) if post_layer_norm else nn.Identity()
 
     def forward(self, a: Tensor, s: Tensor, bias: Tensor, mask: Tensor, multiplicity: int) -> Tensor:
-        """a, s: [B m, N, C] replicated; bias: [B, n, n, H] pair tile; mask: [B m, N]. returns [B m, N, C]."""
-        b = self.adaln(a, s)
+        """a, s: [B m, N, C] replicated; bias: [B, n, n, H] pair tile; mask: [B m, N]. returns [B m, N, C].
+
+        The token-wise parts (AdaLN, gates, transition) run on a slice of the tokens per rank and are gathered
+        (:func:`~foldcp_hpc.model.common.per_token`), so no rank repeats the whole single track's work.
+        """
+        grid = self.pair_bias_attn.grid
+        b = per_token(self.adaln, grid, a, s)
         b = self.pair_bias_attn(s=b, z=bias, mask=mask, k_in=b, multiplicity=multiplicity)
-        a = a + self.output_projection(s) * b
-        a = a + self.transition(a, s)
-        return self.post_lnorm(a)
+        a = a + per_token(lambda s_, b_: self.output_projection(s_) * b_, grid, s, b)
+        a = a + per_token(self.transition, grid, a, s)
+        return per_token(self.post_lnorm, grid, a) if isinstance(self.post_lnorm, nn.LayerNorm) else a
 
 
 class TokenTransformer(nn.Module):
@@ -142,14 +152,14 @@ class DiffusionModule(nn.Module):
         """
         grid, cond = self.grid, conditioning
         n_tokens = s_trunk.shape[1]
-        s = self.single_conditioner(times, s_trunk.repeat_interleave(multiplicity, 0),
-                                    s_inputs.repeat_interleave(multiplicity, 0))
+        s = self.single_conditioner.distributed(times, s_trunk.repeat_interleave(multiplicity, 0),
+                                                s_inputs.repeat_interleave(multiplicity, 0), grid)
         a, q_skip, c_skip = self.atom_attention_encoder(cond.q, cond.c, cond.atom_enc_bias, cond.key_mask, atom,
                                                         n_tokens, grid, cond.layout, r=r_noisy,
                                                         multiplicity=multiplicity)
-        a = a + self.s_to_a_linear(s)
+        a = a + per_token(self.s_to_a_linear, grid, s)
         mask = token["token_pad_mask"].repeat_interleave(multiplicity, 0)
         a = self.token_transformer(a, s=s, bias=cond.token_trans_bias, mask=mask, multiplicity=multiplicity)
-        a = self.a_norm(a)
+        a = per_token(self.a_norm, grid, a)
         return self.atom_attention_decoder(a, q_skip, c_skip, cond.atom_dec_bias, cond.key_mask, atom, grid,
                                            cond.layout, multiplicity=multiplicity)
