@@ -116,9 +116,13 @@ def _not_applied(parsed) -> list[str]:
         notes.append("the input asks for affinity (properties: affinity); the affinity module is not implemented, "
                      "so no affinity_*.json is written")
     options = record.inference_options
-    if options is not None and (options.pocket_constraints or options.contact_constraints):
-        notes.append("pocket / contact constraints condition the model as in Boltz-2, but boltz predict's contact "
-                     "guidance potentials during sampling are not implemented")
+    forced = [c for c in ((options.pocket_constraints or []) + (options.contact_constraints or []) if options else [])
+              if c[-1]]
+    forced_templates = [t for t in (record.templates or []) if getattr(t, "force", False)]
+    if forced or forced_templates:
+        notes.append(f"{len(forced)} constraint(s) and {len(forced_templates)} template(s) set force: true; boltz "
+                     "predict then steers sampling with guidance potentials, which are not implemented here (the "
+                     "constraints and templates still condition the model as in Boltz-2)")
     return notes
 
 
