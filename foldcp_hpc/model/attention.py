@@ -58,22 +58,33 @@ class AttentionPairBias(nn.Module):
         mask: [B, N] replicated key mask. returns: [B, N, C_s] replicated.
         """
         grid = self.grid
-        batch, n_tokens = s.shape[0], s.shape[1]
-        heads, width = self.num_heads, self.head_dim
-
+        n_tokens = s.shape[1]
         # projections of the own blocks only (row block r for queries, column block c for keys and values)
-        q = self.proj_q(cp.scatter_tokens(s, grid, by="row")).view(batch, -1, heads, width)  # [B,I,H,D] block r
-        keys_in = cp.scatter_tokens(k_in, grid, by="col")
-        k = self.proj_k(keys_in).view(batch, -1, heads, width)  # [B,J,H,D] block c
-        v = self.proj_v(keys_in).view(batch, -1, heads, width)
-        key_mask = cp.scatter_tokens(at_least_f32(mask), grid, by="col")  # [B,J]
-        bias = self.proj_z(z).repeat_interleave(multiplicity, 0)  # [B,H,I,J]
+        o = self.row_attention(cp.scatter_tokens(s, grid, by="row"), cp.scatter_tokens(k_in, grid, by="col"), z,
+                               cp.scatter_tokens(at_least_f32(mask), grid, by="col"), n_tokens, multiplicity)
+        o = cp.gather_tokens(o, grid, n_tokens, by="row")  # [B,N,C] replicated
+        return per_token(lambda s_, o_: self.proj_o(self.proj_g(s_).sigmoid() * o_), grid, s, o)
 
+    def row_attention(self, s_rows: Tensor, k_cols: Tensor, z: Tensor, key_mask: Tensor, n_tokens: int,
+                      multiplicity: int = 1) -> Tensor:
+        """The attention of token block r over all keys, before the output gate and projection.
+
+        s_rows: [B, n, C_s] token block r; k_cols: [B, n, C_s] token block c; z: pair tile (or bias tile);
+        key_mask: [B, n] mask of block c. returns o: [B, n, C_s] for block r, the same on every rank of row r
+        (partial softmaxes over each tile's keys combined along the grid row).
+        """
+        grid = self.grid
+        batch = s_rows.shape[0]
+        heads, width = self.num_heads, self.head_dim
+        q = self.proj_q(s_rows).view(batch, -1, heads, width)  # [B,I,H,D] block r
+        k = self.proj_k(k_cols).view(batch, -1, heads, width)  # [B,J,H,D] block c
+        v = self.proj_v(k_cols).view(batch, -1, heads, width)
+        bias = self.proj_z(z).repeat_interleave(multiplicity, 0)  # [B,H,I,J]
         with torch.autocast("cuda", enabled=False):
             logits = torch.einsum("bihd,bjhd->bhij", at_least_f32(q), at_least_f32(k))
             logits = logits / (width**0.5) + at_least_f32(bias)
-            logits = logits + (1 - key_mask[:, None, None]) * -self.inf
-            padding = block_is_padding(n_tokens, grid, grid.col, s.device)
+            logits = logits + (1 - at_least_f32(key_mask)[:, None, None]) * -self.inf
+            padding = block_is_padding(n_tokens, grid, grid.col, s_rows.device)
             if padding is not None:
                 logits = logits.masked_fill(padding, PAD_BIAS)
             # partial softmax over this tile's keys, combined along the grid row
@@ -82,6 +93,4 @@ class AttentionPairBias(nn.Module):
             norm = cp.all_reduce(weights.sum(dim=-1), grid, "row")  # [B,H,I]
             acc = cp.all_reduce(torch.einsum("bhij,bjhd->bihd", weights, at_least_f32(v)), grid, "row")
             o = (acc / norm.permute(0, 2, 1)[..., None]).to(v.dtype)  # [B,I,H,D] block r
-        o = cp.gather_tokens(o, grid, n_tokens, by="row")  # [B,N,H,D] replicated
-        o = o.reshape(batch, n_tokens, self.c_s)
-        return per_token(lambda s_, o_: self.proj_o(self.proj_g(s_).sigmoid() * o_), grid, s, o)
+        return o.reshape(batch, -1, self.c_s)

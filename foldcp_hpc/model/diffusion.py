@@ -1,13 +1,14 @@
 """Boltz-2's score model (``modules/diffusionv2.DiffusionModule``) on the grid: one denoising network call.
 
-    s = SingleConditioning(times, s_trunk, s_inputs)                     replicated [B m, N, 2 C_s]
-    a, q, c = AtomAttentionEncoder(conditioning, r)                      own atom windows -> a replicated
-    a = TokenTransformer(a + W s, s, token_trans_bias tiles)             s-like, bias from the tiles
-    r_update = AtomAttentionDecoder(a_norm(a), q, c)                     own atoms
+    s = SingleConditioning(times, s_trunk, s_inputs)                     token sub-block [B m, N/p², 2 C_s]
+    a, q, c = AtomAttentionEncoder(conditioning, r)                      own atom windows -> a [B m, N, 2 C_s]
+    a = TokenTransformer(a + W s, s, token_trans_bias tiles)             token sub-blocks, bias from the tiles
+    r_update = AtomAttentionDecoder(a_norm(a), q, c)                     own atoms (a gathered once)
 
-The token transformer's attention scores each query block against each key block on the rank holding that
-tile of the precomputed bias and combines partial softmaxes along grid rows
-(:class:`~foldcp_hpc.model.attention.AttentionPairBias`). Parameter names are Boltz's
+Token-wise work runs on this rank's token sub-block (:mod:`~foldcp_hpc.model.token_blocks`); the token
+transformer's attention scores query block r against key block c on the rank holding that tile of the
+precomputed bias, and combines partial softmaxes along grid rows
+(:meth:`~foldcp_hpc.model.attention.AttentionPairBias.row_attention`). Parameter names are Boltz's
 (``structure_module.score_model.*``).
 """
 
@@ -21,7 +22,8 @@ from torch import Tensor, nn
 from .atom_encoder import AtomAttentionDecoder, AtomAttentionEncoder
 from .atom_transformer import AdaLN, ConditionedTransitionBlock
 from .attention import AttentionPairBias
-from .common import per_token
+from ..distributed import autograd as cp
+from .token_blocks import col_block, gather_subs, row_block, sub_of_row, to_sub
 from .pair_init import FourierEmbedding
 from .transition import Transition
 
@@ -58,9 +60,7 @@ class SingleConditioning(nn.Module):
             s = transition(s) + s
         return s
 
-    def distributed(self, times: Tensor, s_trunk: Tensor, s_inputs: Tensor, grid: "ProcessGrid") -> Tensor:
-        """:meth:`forward`, a slice of the tokens per rank of ``grid``, gathered (equal values)."""
-        return per_token(lambda a, b: self(times, a, b), grid, s_trunk, s_inputs)
+
 
 
 class TokenTransformerLayer(nn.Module):
@@ -77,18 +77,23 @@ class TokenTransformerLayer(nn.Module):
         self.transition = ConditionedTransitionBlock(dim, dim_single_cond)
         self.post_lnorm = nn.LayerNorm(dim) if post_layer_norm else nn.Identity()
 
-    def forward(self, a: Tensor, s: Tensor, bias: Tensor, mask: Tensor, multiplicity: int) -> Tensor:
-        """a, s: [B m, N, C] replicated; bias: [B, n, n, H] pair tile; mask: [B m, N]. returns [B m, N, C].
+    def forward(self, a: Tensor, s: Tensor, bias: Tensor, mask: Tensor, multiplicity: int, n_tokens: int) -> Tensor:
+        """a, s: [B m, w, C] this rank's token sub-block (:mod:`~foldcp_hpc.model.token_blocks`); bias:
+        [B, n, n, H] pair tile; mask: [B m, N] replicated token mask. returns [B m, w, C] (sub-block).
 
-        The token-wise parts (AdaLN, gates, transition) run on a slice of the tokens per rank and are gathered
-        (:func:`~foldcp_hpc.model.common.per_token`), so no rank repeats the whole single track's work.
+        The attention reads the row block r and the column block c of the conditioned activations (one row
+        all-gather, one mirror exchange); everything token-wise runs on the sub-block.
         """
         grid = self.pair_bias_attn.grid
-        b = per_token(self.adaln, grid, a, s)
-        b = self.pair_bias_attn(s=b, z=bias, mask=mask, k_in=b, multiplicity=multiplicity)
-        a = a + per_token(lambda s_, b_: self.output_projection(s_) * b_, grid, s, b)
-        a = a + per_token(self.transition, grid, a, s)
-        return per_token(self.post_lnorm, grid, a) if isinstance(self.post_lnorm, nn.LayerNorm) else a
+        attn = self.pair_bias_attn
+        b = self.adaln(a, s)
+        b_rows = row_block(b, grid, n_tokens)
+        key_mask = cp.scatter_tokens(mask, grid, by="col")
+        o = attn.row_attention(b_rows, col_block(b_rows, grid), bias, key_mask, n_tokens, multiplicity)
+        b = attn.proj_o(attn.proj_g(b).sigmoid() * sub_of_row(o, grid, n_tokens))
+        a = a + self.output_projection(s) * b
+        a = a + self.transition(a, s)
+        return self.post_lnorm(a)
 
 
 class TokenTransformer(nn.Module):
@@ -105,11 +110,14 @@ class TokenTransformer(nn.Module):
         self.layers = nn.ModuleList([TokenTransformerLayer(heads, dim, cond, post_layer_norm, grid=grid)
                                      for _ in range(depth)])
 
-    def forward(self, a: Tensor, s: Tensor, bias: Tensor, mask: Tensor, multiplicity: int = 1) -> Tensor:
-        """bias: [B, n, n, depth x heads] pair tile (layer l: channels [l H, (l + 1) H), as Boltz views it)."""
+    def forward(self, a: Tensor, s: Tensor, bias: Tensor, mask: Tensor, multiplicity: int = 1,
+                n_tokens: int | None = None) -> Tensor:
+        """a, s: [B m, w, C] token sub-blocks; bias: [B, n, n, depth x heads] pair tile (layer l: channels
+        [l H, (l + 1) H), as Boltz views it); mask: [B m, N]; n_tokens: N (default: mask's)."""
+        n_tokens = mask.shape[1] if n_tokens is None else n_tokens
         bias = bias.unflatten(-1, (len(self.layers), self.heads))  # [B,n,n,L*H] -> [B,n,n,L,H]
         for index, layer in enumerate(self.layers):
-            a = layer(a, s, bias[..., index, :], mask, multiplicity)
+            a = layer(a, s, bias[..., index, :], mask, multiplicity, n_tokens)
         return a
 
 
@@ -152,14 +160,16 @@ class DiffusionModule(nn.Module):
         """
         grid, cond = self.grid, conditioning
         n_tokens = s_trunk.shape[1]
-        s = self.single_conditioner.distributed(times, s_trunk.repeat_interleave(multiplicity, 0),
-                                                s_inputs.repeat_interleave(multiplicity, 0), grid)
+        # token-wise work on this rank's token sub-block (1/p² of the tokens); gathered once, for the decoder
+        s = self.single_conditioner(times, to_sub(s_trunk, grid).repeat_interleave(multiplicity, 0),
+                                    to_sub(s_inputs, grid).repeat_interleave(multiplicity, 0))
         a, q_skip, c_skip = self.atom_attention_encoder(cond.q, cond.c, cond.atom_enc_bias, cond.key_mask, atom,
                                                         n_tokens, grid, cond.layout, r=r_noisy,
                                                         multiplicity=multiplicity)
-        a = a + per_token(self.s_to_a_linear, grid, s)
+        a = to_sub(a, grid) + self.s_to_a_linear(s)
         mask = token["token_pad_mask"].repeat_interleave(multiplicity, 0)
-        a = self.token_transformer(a, s=s, bias=cond.token_trans_bias, mask=mask, multiplicity=multiplicity)
-        a = per_token(self.a_norm, grid, a)
+        a = self.token_transformer(a, s=s, bias=cond.token_trans_bias, mask=mask, multiplicity=multiplicity,
+                                   n_tokens=n_tokens)
+        a = gather_subs(self.a_norm(a), grid, n_tokens)
         return self.atom_attention_decoder(a, q_skip, c_skip, cond.atom_dec_bias, cond.key_mask, atom, grid,
                                            cond.layout, multiplicity=multiplicity)
