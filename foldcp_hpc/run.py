@@ -81,6 +81,8 @@ def run_job(job_path: str, overrides: list[str]) -> int:
         progress.say(f"input {summary['name']}: {summary['tokens']} tokens, {summary['atoms']} atoms, "
                      f"{summary['chains']} chains, MSA of {summary['msa_rows']} rows; {grid.dp} x {grid.p}x{grid.p} "
                      f"grid of {grid.world_size} ranks, transport {grid.transport.name}, {job.model.dtype}")
+        if job.runtime.self_check:
+            _check_collectives(grid, progress)
         source = job.model.checkpoint if job.model.checkpoint == "random" else job.resolve(job.model.checkpoint)
         weights = load_weights(grid, source, hparams_for(job), seed=job.runtime.seed)
         untrained = weights.untrained
@@ -106,6 +108,17 @@ def run_job(job_path: str, overrides: list[str]) -> int:
             progress.say(f"model ran in {seconds:.1f} s; best confidence_score {best['confidence_score']:.4f}")
             progress.say(f"wrote {len(written)} files to {written[0].parent}")
     return 0
+
+
+def _check_collectives(grid, progress: Progress) -> None:
+    """``[runtime] self_check``: every tile collective on a known tensor, exact on every rank, before any work."""
+    from .distributed.selfcheck import self_check
+
+    results = self_check(grid)
+    bad = [r.name for r in results if not r.ok]
+    if bad:
+        raise RuntimeError(f"collective self-check failed on the {grid.p}x{grid.p} grid: {', '.join(bad)}")
+    progress.say(f"collective self-check: {len(results)}/{len(results)} exact")
 
 
 def _not_applied(parsed) -> list[str]:

@@ -42,3 +42,17 @@ def test_demo_job_writes_boltz_outputs(tmp_path):
     first, second = (json.loads((folder / f"confidence_demo_model_{k}.json").read_text())["confidence_score"]
                      for k in range(2))
     assert first >= second  # samples ranked by confidence_score, as Boltz ranks them
+
+
+def test_run_ends_the_whole_job_on_bad_input(tmp_path):
+    """A missing input or a bad job value: one line naming the file and field, every rank gone in seconds."""
+    import time
+
+    for override, expected in (("input.path=missing.yaml", "missing.yaml: no such input file"),
+                               ("sampling.sampling_steps=1", "[sampling] sampling_steps: must be at least 2")):
+        start = time.monotonic()
+        done = mpirun(4, str(REPO / ".venv" / "bin" / "foldcp-hpc"), "run", str(REPO / "jobs" / "demo.toml"),
+                      override, f"output.dir={tmp_path}", timeout=120)
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("foldcp-hpc:")]
+        assert done.returncode != 0 and len(lines) == 1 and expected in lines[0], (override, lines)
+        assert time.monotonic() - start < 60
