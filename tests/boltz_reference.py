@@ -50,3 +50,8 @@ def token_mask(batch: int, n: int, seed: int) -> torch.Tensor:
 def relative_error(ours: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
     """max |ours - ref| / max(max |ref|, floor)."""
     return float((ours - ref).abs().max() / max(float(ref.abs().max()), floor, 1e-300))
+
+
+def double(features: dict) -> dict:
+    """The tensors of a feature dict, floating ones in float64 (non-tensor entries dropped)."""
+    return {k: (v.double() if v.is_floating_point() else v) for k, v in features.items() if isinstance(v, torch.Tensor)}

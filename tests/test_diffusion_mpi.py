@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from boltz_reference import float64_reference, perturb_, relative_error, shared_randn
+from boltz_reference import double, float64_reference, perturb_, relative_error, shared_randn
 from conftest import everywhere
 from foldcp_hpc.data.boltz2_hparams import diffusion_conditioning_args, reduced_boltz2_hparams
 from foldcp_hpc.data.features import featurize
@@ -16,10 +16,6 @@ from test_features import mol_dir, reference_features, tokenize  # noqa: F401 - 
 from test_pairformer_parity_mpi import compare, parameter_pairs, summed
 
 pytestmark = pytest.mark.mpi
-
-
-def double(features: dict) -> dict:
-    return {k: (v.double() if v.is_floating_point() else v) for k, v in features.items() if isinstance(v, torch.Tensor)}
 
 
 @pytest.fixture(scope="module")

@@ -43,39 +43,32 @@ def csv_text(query: str, n: int, seed: int, keys: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_msa_input(folder, seq_a: str, seq_b: str, seq_d: str, rows: tuple[int, int, int]):
+    """A YAML input in ``folder``: protein A with a paired .csv MSA, a homodimer [B, C] with a paired .csv (shared
+    taxonomy keys), protein D with an .a3m, protein E in single-sequence mode, and the ligand SAH. ``rows``: the
+    hit rows of the three MSA files. Returns the YAML's path."""
+    (folder / "a.csv").write_text(csv_text(seq_a, rows[0], 1, ["101", "102", "103", "", "105"]))
+    (folder / "b.csv").write_text(csv_text(seq_b, rows[1], 50, ["102", "101", "109", "103"]))
+    (folder / "d.a3m").write_text(a3m_text(seq_d, rows[2], 100))
+    (folder / "in.yaml").write_text(textwrap.dedent(f"""
+        version: 1
+        sequences:
+          - protein: {{id: A, sequence: {seq_a}, msa: a.csv}}
+          - protein: {{id: [B, C], sequence: {seq_b}, msa: b.csv}}
+          - protein: {{id: D, sequence: {seq_d}, msa: d.a3m}}
+          - protein: {{id: E, sequence: MQIFVKTLTG, msa: empty}}
+          - ligand: {{id: F, ccd: SAH}}
+    """))
+    return folder / "in.yaml"
+
+
 @pytest.fixture(scope="module")
 def msa_input(tmp_path_factory):
     """Two proteins with paired .csv MSAs (shared taxonomy keys), one with an .a3m, one in single-sequence mode."""
     from mpi4py import MPI
 
-    folder = tmp_path_factory.mktemp(f"msa{MPI.COMM_WORLD.Get_rank()}")
-    (folder / "a.csv").write_text(csv_text(SEQ_A, 12, 1, ["101", "102", "103", "", "105"]))
-    (folder / "b.csv").write_text(csv_text(SEQ_B, 9, 50, ["102", "101", "109", "103"]))
-    (folder / "c.a3m").write_text(a3m_text(SEQ_D, 7, 100))
-    (folder / "in.yaml").write_text(textwrap.dedent(f"""
-        version: 1
-        sequences:
-          - protein:
-              id: A
-              sequence: {SEQ_A}
-              msa: a.csv
-          - protein:
-              id: [B, C]
-              sequence: {SEQ_B}
-              msa: b.csv
-          - protein:
-              id: D
-              sequence: {SEQ_D}
-              msa: c.a3m
-          - protein:
-              id: E
-              sequence: MQIFVKTLTG
-              msa: empty
-          - ligand:
-              id: F
-              ccd: SAH
-    """))
-    return folder / "in.yaml"
+    return write_msa_input(tmp_path_factory.mktemp(f"msa{MPI.COMM_WORLD.Get_rank()}"), SEQ_A, SEQ_B, SEQ_D,
+                           rows=(12, 9, 7))
 
 
 def tokenized_with_msas(path):

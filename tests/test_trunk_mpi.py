@@ -8,20 +8,18 @@ Rank 0 runs the reference and broadcasts it; every rank compares its own tiles.
 
 from __future__ import annotations
 
-import textwrap
-
 import numpy as np
 import pytest
 import torch
 
-from boltz_reference import float64_reference, perturb_, relative_error
+from boltz_reference import double, float64_reference, perturb_, relative_error
 from conftest import everywhere
 from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
 from foldcp_hpc.data.features import featurize
 from foldcp_hpc.distributed.autograd import take_tile
 from foldcp_hpc.model.trunk import Trunk
 from test_features import mol_dir, reference_features, synthetic_templates, tokenize  # noqa: F401 - fixture
-from test_msa import a3m_text, csv_text, tokenized_with_msas
+from test_msa import tokenized_with_msas, write_msa_input
 
 pytestmark = pytest.mark.mpi
 
@@ -47,10 +45,6 @@ def boltz_trunk(model, feats, recycling_steps):
         z = z + model.msa_module(z, s_inputs, feats)
         s, z = model.pairformer_module(s, z, mask=mask, pair_mask=pair_mask)
     return s_inputs, s, z, model.distogram_module(z)
-
-
-def double(features: dict) -> dict:
-    return {k: (v.double() if v.is_floating_point() else v) for k, v in features.items() if isinstance(v, torch.Tensor)}
 
 
 def run_and_compare(grid, ref_feats, ours, templates=None):
@@ -112,20 +106,8 @@ def msa_template_input(tmp_path_factory):
     from mpi4py import MPI
 
     seq_a, seq_b, seq_d = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRV", "GSHMSLFDFFKNKGSAATATDRLK", "MSLFDFFKNKGSAATATDRL"
-    folder = tmp_path_factory.mktemp(f"trunk-msa{MPI.COMM_WORLD.Get_rank()}")
-    (folder / "a.csv").write_text(csv_text(seq_a, 10, 1, ["101", "102", "103", "", "105"]))
-    (folder / "b.csv").write_text(csv_text(seq_b, 8, 50, ["102", "101", "109", "103"]))
-    (folder / "d.a3m").write_text(a3m_text(seq_d, 6, 100))
-    (folder / "in.yaml").write_text(textwrap.dedent(f"""
-        version: 1
-        sequences:
-          - protein: {{id: A, sequence: {seq_a}, msa: a.csv}}
-          - protein: {{id: [B, C], sequence: {seq_b}, msa: b.csv}}
-          - protein: {{id: D, sequence: {seq_d}, msa: d.a3m}}
-          - protein: {{id: E, sequence: MQIFVKTLTG, msa: empty}}
-          - ligand: {{id: F, ccd: SAH}}
-    """))
-    return folder / "in.yaml"
+    return write_msa_input(tmp_path_factory.mktemp(f"trunk-msa{MPI.COMM_WORLD.Get_rank()}"), seq_a, seq_b, seq_d,
+                           rows=(10, 8, 6))
 
 
 def test_trunk_equals_boltz_with_msas_and_templates(grid, msa_template_input):

@@ -76,3 +76,13 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1) -> tupl
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result, (time.perf_counter() - start) / repeats
+
+
+def profile(fn: Callable[[], Any], device: torch.device, repeats: int = 1, warm_up: bool = True) -> tuple[Any, int, float]:
+    """``fn``'s result, peak bytes and mean seconds: an optional warm-up run (first calls fill one-time caches
+    that are not the call's memory), a measured run, then ``repeats`` timed runs."""
+    if warm_up:
+        measure(fn, device)
+    result, peak = measure(fn, device)
+    _, seconds = timed(fn, device, max(1, repeats))
+    return result, peak, seconds

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .memory import measure, timed
+from .memory import measure, profile, timed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -51,10 +51,8 @@ def run_worker(args: argparse.Namespace) -> None:
             grid.barrier()
             (_, peak), seconds = timed(lambda: measure(ours, device), device, 1)
         else:
-            measure(ours, device)  # warm-up: first calls fill one-time caches that are not the layer's memory
-            _, peak = measure(ours, device)
             grid.barrier()
-            _, seconds = timed(ours, device, max(1, args.repeats))
+            _, peak, seconds = profile(ours, device, args.repeats)
         seconds = grid.comm.allreduce(seconds, op=_max())
         peaks = grid.comm.gather(peak, root=0)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -93,9 +91,7 @@ def _boltz_row(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name) -
     def boltz():
         return ref(s, z, mask, pair_mask, chunk)
 
-    measure(boltz, device)  # warm-up, as for ours
-    _, peak = measure(boltz, device)
-    _, seconds = timed(boltz, device, max(1, args.repeats))
+    _, peak, seconds = profile(boltz, device, args.repeats)
     return {"impl": "boltz", "ranks": 1, "grid": "-", "n": args.n, "peak_bytes": [peak], "seconds": seconds,
             "device_name": name, "dtype": args.dtype}
 

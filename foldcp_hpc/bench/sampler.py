@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .memory import measure, timed
+from .memory import profile
 from .pairformer import DTYPES, _max
 from .trunk import _featurize, write_input
 
@@ -56,17 +56,13 @@ def run_worker(args: argparse.Namespace) -> None:
         def conditioning():
             return model.diffusion_conditioning(s, z, rel, token, atom)
 
-        measure(conditioning, device)  # warm-up
-        cond, cond_peak = measure(conditioning, device)
-        _, cond_seconds = timed(conditioning, device, 1)
+        cond, cond_peak, cond_seconds = profile(conditioning, device)
 
         def step():
             return model.structure_module.denoise(noisy, 80.0, s_inputs, s, token, atom, cond)
 
-        measure(step, device)  # warm-up
-        _, step_peak = measure(step, device)
         grid.barrier()
-        _, step_seconds = timed(step, device, max(1, args.repeats))
+        _, step_peak, step_seconds = profile(step, device, args.repeats)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         common = {"n": n_tokens, "atoms": int(features.atom["atom_pad_mask"].sum()), "device_name": name,
                   "dtype": args.dtype}
@@ -93,9 +89,7 @@ def _boltz_rows(hp, feats, s, s_inputs, z, noisy, dtype, device, common, args) -
         out = model.diffusion_conditioning(s_trunk=s, z_trunk=z, relative_position_encoding=rel, feats=feats)
         return dict(zip(("q", "c", "to_keys", "atom_enc_bias", "atom_dec_bias", "token_trans_bias"), out))
 
-    measure(conditioning, device)  # warm-up
-    cond, cond_peak = measure(conditioning, device)
-    _, cond_seconds = timed(conditioning, device, 1)
+    cond, cond_peak, cond_seconds = profile(conditioning, device)
     samples = noisy.shape[0]
 
     def step():
@@ -103,9 +97,7 @@ def _boltz_rows(hp, feats, s, s_inputs, z, noisy, dtype, device, common, args) -
             noisy, 80.0, network_condition_kwargs={"multiplicity": samples, "s_trunk": s, "s_inputs": s_inputs,
                                                    "feats": feats, "diffusion_conditioning": cond})
 
-    measure(step, device)
-    _, step_peak = measure(step, device)
-    _, step_seconds = timed(step, device, max(1, args.repeats))
+    _, step_peak, step_seconds = profile(step, device, args.repeats)
     return [{"impl": "boltz", "stage": stage, "ranks": 1, "grid": "-", "peak_bytes": [peak], "seconds": seconds,
              **common} for stage, peak, seconds in (("conditioning", cond_peak, cond_seconds),
                                                     ("sampler step", step_peak, step_seconds))]

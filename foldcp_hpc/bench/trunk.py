@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .memory import measure, timed
+from .memory import profile
 from .pairformer import DTYPES, _max
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -81,9 +81,8 @@ def run_worker(args: argparse.Namespace) -> None:
         def ours():
             return trunk(token, atom, pair, template, msa, features.msa.n_rows, recycling_steps=args.recycles)
 
-        _, peak = measure(ours, device)
         grid.barrier()
-        _, seconds = timed(ours, device, max(1, args.repeats))
+        _, peak, seconds = profile(ours, device, args.repeats, warm_up=False)  # the trunk is long: no extra run
         seconds = grid.comm.allreduce(seconds, op=_max())
         peaks = grid.comm.gather(peak, root=0)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -144,6 +143,5 @@ def _boltz_row(model, feats, cast, args, device, common) -> dict:
             s, z = model.pairformer_module(s, z, mask=mask, pair_mask=pair_mask)
         return s, z, model.distogram_module(z)
 
-    _, peak = measure(boltz, device)
-    _, seconds = timed(boltz, device, max(1, args.repeats))
+    _, peak, seconds = profile(boltz, device, args.repeats, warm_up=False)
     return {"impl": "boltz", "ranks": 1, "grid": "-", "peak_bytes": [peak], "seconds": seconds, **common}

@@ -278,7 +278,22 @@ def _halo_plan(grid: "ProcessGrid", layout: AtomWindowLayout) -> tuple[int, int,
     return group.index, a0, a1
 
 
+def _move_ranges(x: torch.Tensor, dim: int, grid: "ProcessGrid", sends: list[tuple[int, int, int]],
+                 receives: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """Send ``x[start:start + length]`` along ``dim`` to each ``(peer, start, length)`` of ``sends``; return
+    the pieces of ``receives``' ``(peer, _, length)``, in their order (grid positions as peers)."""
+    likes = []
+    for peer, _, length in receives:
+        shape = list(x.shape)
+        shape[dim] = length
+        likes.append((peer, x.new_empty(shape)))
+    return raw.exchange_pieces([(peer, x.narrow(dim, start, length)) for peer, start, length in sends], likes,
+                               grid, "grid")
+
+
 class _HaloExtend(torch.autograd.Function):
+    """The extended buffer holds atoms ``[a0 - halo, a1 + halo)``: atom ``i`` sits at ``i - a0 + halo``."""
+
     @staticmethod
     def forward(ctx, x, grid, layout, dim):
         ctx.grid, ctx.layout, ctx.dim = grid, layout, dim
@@ -290,17 +305,11 @@ class _HaloExtend(torch.autograd.Function):
         shape[dim] = a1 - a0 + 2 * halo
         out = x.new_zeros(shape)
         out.narrow(dim, halo, a1 - a0).copy_(x)
-        sends = [(dst, x.narrow(dim, lo - a0, hi - lo)) for dst, lo, hi in layout.sends(me)]
         receives = layout.receives(me)
-        likes = []
-        for _, lo, hi in receives:
-            piece = list(x.shape)
-            piece[dim] = hi - lo
-            likes.append(x.new_empty(piece))
-        received = raw.exchange_pieces(sends, [(src, like) for (src, _, _), like in zip(receives, likes)],
-                                       grid, "grid")
-        for (_, lo, hi), piece in zip(receives, received):
-            out.narrow(dim, lo - (a0 - halo), hi - lo).copy_(piece)
+        pieces = _move_ranges(x, dim, grid, [(dst, lo - a0, hi - lo) for dst, lo, hi in layout.sends(me)],
+                              [(src, 0, hi - lo) for src, lo, hi in receives])
+        for (_, lo, hi), piece in zip(receives, pieces):
+            out.narrow(dim, lo - a0 + halo, hi - lo).copy_(piece)
         return out
 
     @staticmethod
@@ -312,16 +321,10 @@ class _HaloExtend(torch.autograd.Function):
             return grad, None, None, None
         out = grad.narrow(dim, halo, a1 - a0).clone()
         # the adjoint: what we received, we send back; what we sent comes back and is added to its source
-        sends = [(src, grad.narrow(dim, lo - (a0 - halo), hi - lo)) for src, lo, hi in layout.receives(me)]
         returns = layout.sends(me)
-        likes = []
-        for _, lo, hi in returns:
-            piece = list(grad.shape)
-            piece[dim] = hi - lo
-            likes.append(grad.new_empty(piece))
-        received = raw.exchange_pieces(sends, [(dst, like) for (dst, _, _), like in zip(returns, likes)],
-                                       grid, "grid")
-        for (_, lo, hi), piece in zip(returns, received):
+        pieces = _move_ranges(grad, dim, grid, [(src, lo - a0 + halo, hi - lo) for src, lo, hi in layout.receives(me)],
+                              [(dst, 0, hi - lo) for dst, lo, hi in returns])
+        for (_, lo, hi), piece in zip(returns, pieces):
             out.narrow(dim, lo - a0, hi - lo).add_(piece)
         return out, None, None, None
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..distributed.atom_layout import AtomWindowLayout
 from ..distributed.autograd import all_reduce, gather_pair_entries
 from .atom_transformer import AtomTransformer, key_windows
+from .common import repeat_samples
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -232,13 +233,14 @@ class AtomAttentionEncoder(nn.Module):
         """
         a0, a1 = layout.atoms(grid.axis("grid").index)
         if self.structure_prediction:
-            q = q.repeat_interleave(multiplicity, 0) + self.r_to_q_trans(r)
-        c = c.repeat_interleave(multiplicity, 0)
-        q = self.atom_encoder(q, c, bias.repeat_interleave(multiplicity, 0),
-                              key_mask.repeat_interleave(multiplicity, 0), grid, layout)
-        to_token = atom["atom_to_token"].long().repeat_interleave(multiplicity, 0)
-        counts = atom_counts(to_token, n_tokens)
-        a = token_mean(self.atom_to_token_trans(q), to_token[:, a0:a1], counts, n_tokens, grid)
+            q = repeat_samples(q, multiplicity) + self.r_to_q_trans(r)
+        c = repeat_samples(c, multiplicity)
+        q = self.atom_encoder(q, c, repeat_samples(bias, multiplicity), repeat_samples(key_mask, multiplicity), grid,
+                              layout)
+        to_token = atom["atom_to_token"].long()
+        counts = repeat_samples(atom_counts(to_token, n_tokens), multiplicity)
+        a = token_mean(self.atom_to_token_trans(q), repeat_samples(to_token[:, a0:a1], multiplicity), counts,
+                       n_tokens, grid)
         return a, q, c
 
 
@@ -264,8 +266,8 @@ class AtomAttentionDecoder(nn.Module):
         """a: [B * mult, N, 2 C_s] replicated; q, c: [B * mult, m, atom_s] own atoms; bias: [B, w, Q, K,
         depth * heads]; key_mask: [B, w, K]. returns r_update [B * mult, m, 3] own atoms."""
         a0, a1 = layout.atoms(grid.axis("grid").index)
-        to_token = atom["atom_to_token"].long().repeat_interleave(multiplicity, 0)[:, a0:a1]
+        to_token = repeat_samples(atom["atom_to_token"].long()[:, a0:a1], multiplicity)
         q = q + per_atom(self.a_to_q_trans(a), to_token).to(q.dtype)
-        q = self.atom_decoder(q, c, bias.repeat_interleave(multiplicity, 0),
-                              key_mask.repeat_interleave(multiplicity, 0), grid, layout)
+        q = self.atom_decoder(q, c, repeat_samples(bias, multiplicity), repeat_samples(key_mask, multiplicity), grid,
+                              layout)
         return self.atom_feat_to_atom_pos_update(q)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..distributed import autograd as cp
 from ..distributed import collectives as raw
-from .common import PAD_BIAS, at_least_f32, block_is_padding, per_token
+from .common import PAD_BIAS, at_least_f32, block_is_padding, per_token, repeat_samples
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -79,7 +79,7 @@ class AttentionPairBias(nn.Module):
         q = self.proj_q(s_rows).view(batch, -1, heads, width)  # [B,I,H,D] block r
         k = self.proj_k(k_cols).view(batch, -1, heads, width)  # [B,J,H,D] block c
         v = self.proj_v(k_cols).view(batch, -1, heads, width)
-        bias = self.proj_z(z).repeat_interleave(multiplicity, 0)  # [B,H,I,J]
+        bias = repeat_samples(self.proj_z(z), multiplicity)  # [B,H,I,J]
         with torch.autocast("cuda", enabled=False):
             logits = torch.einsum("bihd,bjhd->bhij", at_least_f32(q), at_least_f32(k))
             logits = logits / (width**0.5) + at_least_f32(bias)

@@ -77,15 +77,14 @@ class FoldModel(nn.Module):
     def load_boltz_state(self, state: dict[str, Tensor]) -> None:
         """Load a Boltz-2 state dict strictly (every parameter of ours from it; nothing of it unused but the
         b-factor head). Raises ValueError naming the missing or unexpected keys."""
-        mine = {f"trunk.{k}": v for k, v in self.trunk.boltz_state(state).items()}
-        trunk_sources = {k[len("pair_init."):] if k.startswith("pair_init.") else k for k in self.trunk.state_dict()}
-        for name in self.state_dict():
-            if not name.startswith("trunk."):
-                if name not in state:
-                    raise ValueError(f"Boltz-2 state dict lacks {name!r}")
-                mine[name] = state[name]
-        unused = [k for k in state if k not in mine and k not in trunk_sources
-                  and not k.startswith(UNUSED_BOLTZ_PREFIXES)]
+        sources = {name: Trunk.boltz_name(name[len("trunk."):]) if name.startswith("trunk.") else name
+                   for name in self.state_dict()}
+        missing = [source for source in sources.values() if source not in state]
+        if missing:
+            raise ValueError(f"Boltz-2 state dict lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        mine = {name: state[source] for name, source in sources.items()}
+        used = set(sources.values())
+        unused = [k for k in state if k not in used and not k.startswith(UNUSED_BOLTZ_PREFIXES)]
         if unused:
             raise ValueError(f"{len(unused)} Boltz-2 parameters have no place in this model, e.g. {unused[:3]}")
         self.load_state_dict(mine, strict=True)

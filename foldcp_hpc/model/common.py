@@ -113,21 +113,23 @@ class ChunkWriter:
 
 
 def per_token(fn: Callable[..., torch.Tensor], grid: "ProcessGrid", *tensors: torch.Tensor) -> torch.Tensor:
-    """``fn(*tensors)`` for replicated token tensors, computed a slice of tokens per rank of the grid and
-    all-gathered: each rank does 1/p² of the work and holds 1/p² of the transients.
+    """``fn(*tensors)`` for replicated token tensors, computed on this rank's token sub-block
+    (:mod:`.token_blocks`) and all-gathered: each rank does 1/p² of the work and holds 1/p² of the transients.
 
     tensors: [B, N, ...] replicated, same N; fn maps them token by token (no mixing along dim 1).
     returns: [B, N, ...] replicated, equal to ``fn(*tensors)``.
     """
-    group = grid.axis("grid")
-    if group.size == 1:
+    from .token_blocks import gather_subs, to_sub
+
+    if grid.axis("grid").size == 1:
         return fn(*tensors)
-    n_tokens = tensors[0].shape[1]
-    width = -(-n_tokens // group.size)
-    start = min(n_tokens, group.index * width)
-    stop = min(n_tokens, start + width)
-    out = fn(*(t[:, start:stop] for t in tensors))
-    if stop - start < width:  # every rank sends the same shape
-        pad = [0, 0] * (out.dim() - 2) + [0, width - (stop - start)]
-        out = torch.nn.functional.pad(out, pad)
-    return cp.all_gather(out, grid, "grid", dim=1)[:, :n_tokens]
+    return gather_subs(fn(*(to_sub(t, grid) for t in tensors)), grid, tensors[0].shape[1])
+
+
+def repeat_samples(x: torch.Tensor, multiplicity: int) -> torch.Tensor:
+    """``x.repeat_interleave(multiplicity, 0)``, as a broadcast view (no copy) when the batch is one input."""
+    if multiplicity == 1:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(multiplicity, *x.shape[1:])
+    return x.repeat_interleave(multiplicity, 0)

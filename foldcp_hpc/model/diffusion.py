@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .atom_encoder import AtomAttentionDecoder, AtomAttentionEncoder
 from .atom_transformer import AdaLN, ConditionedTransitionBlock
 from .attention import AttentionPairBias
+from .common import repeat_samples
 from ..distributed import autograd as cp
 from .token_blocks import col_block, gather_subs, row_block, sub_of_row, to_sub
 from .pair_init import FourierEmbedding
@@ -77,9 +78,9 @@ class TokenTransformerLayer(nn.Module):
         self.transition = ConditionedTransitionBlock(dim, dim_single_cond)
         self.post_lnorm = nn.LayerNorm(dim) if post_layer_norm else nn.Identity()
 
-    def forward(self, a: Tensor, s: Tensor, bias: Tensor, mask: Tensor, multiplicity: int, n_tokens: int) -> Tensor:
+    def forward(self, a: Tensor, s: Tensor, bias: Tensor, key_mask: Tensor, multiplicity: int, n_tokens: int) -> Tensor:
         """a, s: [B m, w, C] this rank's token sub-block (:mod:`~foldcp_hpc.model.token_blocks`); bias:
-        [B, n, n, H] pair tile; mask: [B m, N] replicated token mask. returns [B m, w, C] (sub-block).
+        [B, n, n, H] pair tile; key_mask: [B m, n] token mask of column block c. returns [B m, w, C] (sub-block).
 
         The attention reads the row block r and the column block c of the conditioned activations (one row
         all-gather, one mirror exchange); everything token-wise runs on the sub-block.
@@ -88,7 +89,6 @@ class TokenTransformerLayer(nn.Module):
         attn = self.pair_bias_attn
         b = self.adaln(a, s)
         b_rows = row_block(b, grid, n_tokens)
-        key_mask = cp.scatter_tokens(mask, grid, by="col")
         o = attn.row_attention(b_rows, col_block(b_rows, grid), bias, key_mask, n_tokens, multiplicity)
         b = attn.proj_o(attn.proj_g(b).sigmoid() * sub_of_row(o, grid, n_tokens))
         a = a + self.output_projection(s) * b
@@ -116,8 +116,9 @@ class TokenTransformer(nn.Module):
         [l H, (l + 1) H), as Boltz views it); mask: [B m, N]; n_tokens: N (default: mask's)."""
         n_tokens = mask.shape[1] if n_tokens is None else n_tokens
         bias = bias.unflatten(-1, (len(self.layers), self.heads))  # [B,n,n,L*H] -> [B,n,n,L,H]
+        key_mask = cp.scatter_tokens(mask, self.layers[0].pair_bias_attn.grid, by="col")  # [B m, n] block c
         for index, layer in enumerate(self.layers):
-            a = layer(a, s, bias[..., index, :], mask, multiplicity, n_tokens)
+            a = layer(a, s, bias[..., index, :], key_mask, multiplicity, n_tokens)
         return a
 
 
@@ -161,13 +162,13 @@ class DiffusionModule(nn.Module):
         grid, cond = self.grid, conditioning
         n_tokens = s_trunk.shape[1]
         # token-wise work on this rank's token sub-block (1/p² of the tokens); gathered once, for the decoder
-        s = self.single_conditioner(times, to_sub(s_trunk, grid).repeat_interleave(multiplicity, 0),
-                                    to_sub(s_inputs, grid).repeat_interleave(multiplicity, 0))
+        s = self.single_conditioner(times, repeat_samples(to_sub(s_trunk, grid), multiplicity),
+                                    repeat_samples(to_sub(s_inputs, grid), multiplicity))
         a, q_skip, c_skip = self.atom_attention_encoder(cond.q, cond.c, cond.atom_enc_bias, cond.key_mask, atom,
                                                         n_tokens, grid, cond.layout, r=r_noisy,
                                                         multiplicity=multiplicity)
         a = to_sub(a, grid) + self.s_to_a_linear(s)
-        mask = token["token_pad_mask"].repeat_interleave(multiplicity, 0)
+        mask = repeat_samples(token["token_pad_mask"], multiplicity)
         a = self.token_transformer(a, s=s, bias=cond.token_trans_bias, mask=mask, multiplicity=multiplicity,
                                    n_tokens=n_tokens)
         a = gather_subs(self.a_norm(a), grid, n_tokens)

@@ -68,13 +68,15 @@ class Trunk(nn.Module):
         self.pairformer_module = PairformerModule(token_s, token_z, **hparams["pairformer_args"], grid=grid)
         self.distogram_module = DistogramModule(token_z, hparams["num_bins"], grid=grid)
 
+    @staticmethod
+    def boltz_name(name: str) -> str:
+        """The Boltz-2 state-dict key of this module's parameter ``name`` (the pair initialisation's sit at
+        Boltz-2's top level)."""
+        return name[len("pair_init."):] if name.startswith("pair_init.") else name
+
     def boltz_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """This module's entries of a Boltz-2 state dict, under this module's names."""
-        mine = {}
-        for name in self.state_dict():
-            source = name[len("pair_init."):] if name.startswith("pair_init.") else name
-            mine[name] = state[source]
-        return mine
+        return {name: state[self.boltz_name(name)] for name in self.state_dict()}
 
     def forward(self, token: dict[str, Tensor], atom: dict[str, Tensor], pair: dict[str, Tensor],
                 template: dict[str, Tensor], msa: dict[str, Tensor], n_msa_rows: int,
