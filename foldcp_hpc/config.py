@@ -36,8 +36,29 @@ class ConfigError(UniformError):
     """A job file or override is wrong; the message names the file and the field."""
 
 
-def _positive(value: Any) -> str | None:
-    return None if value is None or value > 0 else f"must be positive, got {value}"
+@dataclass(frozen=True)
+class _AtLeast:
+    """A field check: ``value >= low`` (``> low`` when strict); unset (None) passes.
+
+    A class rather than a lambda so that docs/config.md can print the bound (``allowed``).
+    """
+
+    low: int
+    strict: bool = False
+
+    @property
+    def allowed(self) -> str:
+        return f"> {self.low}" if self.strict else f">= {self.low}"
+
+    def __call__(self, value: Any) -> str | None:
+        if value is None or (value > self.low if self.strict else value >= self.low):
+            return None
+        if self.strict and self.low == 0:
+            return f"must be positive, got {value}"
+        return f"must be {'more than' if self.strict else 'at least'} {self.low}, got {value}"
+
+
+_positive = _AtLeast(0, strict=True)
 
 
 def _doc(text: str, choices: Sequence[str] | None = None, check: Any = None) -> dict[str, Any]:
@@ -104,22 +125,35 @@ class ModelConfig:
         "(every output is then labelled untrained)."))
     architecture: str = field(default="boltz2", metadata=_doc(
         "With random weights: boltz2 (the released sizes) or boltz2-small (the same widths with 2 Pairformer "
-        "blocks, 1 MSA block, 2 token-transformer layers, 1 atom layer, 1 confidence block: demos and tests). A "
+        "blocks, 1 MSA block, 2 token-transformer layers, 1 atom layer, 1 confidence block, 2 blocks in each "
+        "random affinity model: demos and tests). A "
         "checkpoint brings its own architecture.", ARCHITECTURES))
     dtype: str = field(default="float32", metadata=_doc("Floating-point precision of the model.", DTYPES))
+    affinity_checkpoint: str | None = field(default=None, metadata=_doc(
+        "Boltz-2's affinity checkpoint (boltz2_aff.ckpt), or \"random\" for seeded random weights of its "
+        "architecture; used when the input asks for properties: affinity (unset: no affinity is predicted)."))
+    affinity_mw_correction: bool = field(default=False, metadata=_doc(
+        "Apply Boltz's molecular-weight correction to the affinity value (boltz predict --affinity_mw_correction)."))
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """``[sampling]``: Boltz's prediction settings (the defaults are ``boltz predict``'s)."""
 
-    recycling_steps: int = field(default=3, metadata=_doc("Trunk recycling steps.",
-                                                          check=lambda v: None if v >= 0 else f"must be >= 0, got {v}"))
-    sampling_steps: int = field(default=200, metadata=_doc("Diffusion sampler steps.", check=lambda v: None if v >= 2
-                                                           else f"must be at least 2, got {v}"))
+    recycling_steps: int = field(default=3, metadata=_doc("Trunk recycling steps.", check=_AtLeast(0)))
+    sampling_steps: int = field(default=200, metadata=_doc("Diffusion sampler steps.", check=_AtLeast(2)))
     diffusion_samples: int = field(default=1, metadata=_doc("Structures sampled per input.", check=_positive))
     max_parallel_samples: int = field(default=5, metadata=_doc(
         "Samples denoised together (Boltz's chunking of the samples).", check=_positive))
+    affinity_recycling_steps: int = field(default=5, metadata=_doc(
+        "Trunk recycling steps of the affinity pass (boltz predict uses 5).",
+        check=_AtLeast(0)))
+    affinity_sampling_steps: int = field(default=200, metadata=_doc(
+        "Diffusion sampler steps of the affinity pass (boltz predict --sampling_steps_affinity).",
+        check=_AtLeast(2)))
+    affinity_diffusion_samples: int = field(default=5, metadata=_doc(
+        "Structures sampled in the affinity pass; affinity is predicted on the one with the best ipTM (boltz "
+        "predict --diffusion_samples_affinity).", check=_positive))
 
 
 @dataclass(frozen=True)

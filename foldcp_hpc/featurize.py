@@ -41,7 +41,8 @@ def tokenize_input(path, cache_dir, max_msa_seqs: int = 8192) -> tuple[Any, Any,
 def features_of(path, cache_dir, max_tokens: int | None = None, max_msa_seqs: int = 8192,
                 keep_parsed: bool = False) -> tuple:
     """Parse, tokenize and featurize one input on this rank; returns the features and a summary (and, with
-    ``keep_parsed``, the parsed input: its structure is what the output writer needs)."""
+    ``keep_parsed``, the parsed input and its MSAs: the output writer needs its structure, the affinity pass
+    both)."""
     parsed, tokenized, msas = tokenize_input(path, cache_dir, max_msa_seqs)
     import numpy as np
 
@@ -60,7 +61,7 @@ def features_of(path, cache_dir, max_tokens: int | None = None, max_msa_seqs: in
                "atoms_padded": features.n_atoms, "bonds": int(len(features.bonds)),
                "constraint_writes": len(features.contacts), "msa_rows": features.msa.n_rows,
                "msa_chains": len(msas), "name": target.record.id}
-    return (features, summary, parsed) if keep_parsed else (features, summary)
+    return (features, summary, parsed, msas) if keep_parsed else (features, summary)
 
 
 def run_featurize(job_path: str, overrides: list[str]) -> int:

@@ -3,6 +3,10 @@
 Rank 0 reads and featurizes the input (a bad input or job file ends the whole job with one line before the grid
 starts); every rank then builds the grid, receives the weights (rank 0 reads the checkpoint, or makes seeded
 random weights), and runs the model on its tiles; rank 0 writes the outputs and says where.
+
+When the input asks for ``properties: affinity`` and ``[model] affinity_checkpoint`` is set, a second pass follows
+as in ``boltz predict``: the top-ranked structure is cropped around the ligand (at most 256 tokens), featurized on
+rank 0, and folded again on the grid by the affinity model, whose affinity heads write ``affinity_<name>.json``.
 """
 
 from __future__ import annotations
@@ -59,21 +63,19 @@ def run_job(job_path: str, overrides: list[str]) -> int:
 
     world = MPI.COMM_WORLD
     progress = Progress(world.Get_rank() == 0)
-    package, parsed = None, None
+    package, parsed, msas = None, None, None
     if world.Get_rank() == 0:
         progress.say(f"job {job.source}: reading {job.resolve(job.input.path)}")
-        features, summary, parsed = features_of(job.resolve(job.input.path), job.resolve(job.input.ccd_cache),
-                                                job.input.max_tokens, job.input.max_msa_seqs, keep_parsed=True)
-        package = (features, summary)
-        for line in _not_applied(parsed):
+        features, summary, parsed, msas = features_of(job.resolve(job.input.path), job.resolve(job.input.ccd_cache),
+                                                      job.input.max_tokens, job.input.max_msa_seqs, keep_parsed=True)
+        package = (features, summary, _wants_affinity(job, parsed))
+        for line in _not_applied(job, parsed):
             progress.say(f"note: {line}")
-    features, summary = world.bcast(package, root=0)
+    features, summary, affinity_pass = world.bcast(package, root=0)
 
     import torch
 
-    from .data.weights import load_weights
     from .distributed.grid import ProcessGrid
-    from .model.boltz2 import FoldModel
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[job.model.dtype]
     with ProcessGrid.create(job.grid.cp, job.grid.dp, backend=job.runtime.backend,
@@ -83,15 +85,7 @@ def run_job(job_path: str, overrides: list[str]) -> int:
                      f"grid of {grid.world_size} ranks, transport {grid.transport.name}, {job.model.dtype}")
         if job.runtime.self_check:
             _check_collectives(grid, progress)
-        source = job.model.checkpoint if job.model.checkpoint == "random" else job.resolve(job.model.checkpoint)
-        weights = load_weights(grid, source, hparams_for(job), seed=job.runtime.seed)
-        untrained = weights.untrained
-        progress.say(f"weights: {weights.source}" + (" (UNTRAINED: outputs are not predictions)"
-                                                     if untrained else ""))
-        model = FoldModel(weights.hparams, grid=grid)
-        model.load_boltz_state(weights.state_dict)
-        del weights
-        model = model.to(device=grid.device, dtype=dtype).eval()
+        model, untrained = _model(job, grid, job.model.checkpoint, hparams_for(job), dtype, progress)
         generator = torch.Generator(device=grid.device).manual_seed(job.runtime.seed)
         sampling = job.sampling
         start = time.perf_counter()
@@ -102,12 +96,88 @@ def run_job(job_path: str, overrides: list[str]) -> int:
             gather_pde=job.output.write_full_pde, progress=progress)
         seconds = time.perf_counter() - start
         rows = confidence_rows(prediction)
+        del model
+        top_coords = None
         if grid.rank == 0:
             written = _write(job, parsed, prediction, rows, untrained=untrained)
             best = max(rows, key=lambda r: r["confidence_score"])
             progress.say(f"model ran in {seconds:.1f} s; best confidence_score {best['confidence_score']:.4f}")
             progress.say(f"wrote {len(written)} files to {written[0].parent}")
+            from .io.predictions import rank_samples
+
+            top = rank_samples([row["confidence_score"] for row in rows]).index(0)  # Boltz's model_0
+            top_coords = prediction.coords[top].float().cpu().numpy()
+        del prediction
+        if affinity_pass:
+            _affinity(job, grid, parsed, msas, top_coords, dtype, progress)
     return 0
+
+
+def _model(job: "JobConfig", grid, checkpoint: str, hparams: dict | None, dtype, progress: Progress):
+    """The model on every rank (rank 0 reads the checkpoint or makes random weights); returns (model, untrained)."""
+    from .data.weights import load_weights
+    from .model.boltz2 import FoldModel
+
+    source = checkpoint if checkpoint == "random" else job.resolve(checkpoint)
+    weights = load_weights(grid, source, hparams, seed=job.runtime.seed)
+    progress.say(f"weights: {weights.source}" + (" (UNTRAINED: outputs are not predictions)"
+                                                 if weights.untrained else ""))
+    hp = dict(weights.hparams)
+    if hp.get("affinity_prediction"):
+        hp["affinity_mw_correction"] = job.model.affinity_mw_correction  # boltz predict's load-time override
+    model = FoldModel(hp, grid=grid)
+    model.load_boltz_state(weights.state_dict)
+    untrained = weights.untrained
+    del weights
+    return model.to(device=grid.device, dtype=dtype).eval(), untrained
+
+
+def _affinity(job: "JobConfig", grid, parsed, msas, top_coords, dtype, progress: Progress) -> None:
+    """The affinity pass: rank 0 crops and featurizes the top-ranked structure; the grid folds the crop with the
+    affinity model; rank 0 writes ``affinity_<name>.json``."""
+    import torch
+
+    from .data.affinity import affinity_features
+    from .data.boltz2_hparams import with_affinity
+    from .io.predictions import count_tokens, write_affinity
+
+    package = None
+    if grid.rank == 0:
+        n_valid = len(parsed.target.structure.remove_invalid_chains().atoms)
+        features, _ = affinity_features(parsed, msas, top_coords[:n_valid])
+        package = features
+        progress.say(f"affinity: {features.n_tokens} of {count_tokens(parsed.target.structure)} tokens around the "
+                     f"ligand, {int(features.atom['atom_pad_mask'].sum())} atoms")
+    features = grid.comm.bcast(package, root=0)
+    checkpoint = job.model.affinity_checkpoint
+    hparams = None
+    if checkpoint == "random":  # the affinity model's architecture on the job's (or the released) structure model
+        from .data.boltz2_hparams import boltz2_hparams
+
+        small = job.model.architecture == "boltz2-small"
+        hparams = with_affinity(hparams_for(job) or boltz2_hparams(), pairformer_blocks=2 if small else 8)
+    model, untrained = _model(job, grid, checkpoint, hparams, dtype, progress)
+    if not model.affinity_prediction:
+        raise ConfigError(f"{job.source}: [model] affinity_checkpoint: {checkpoint} has no affinity heads "
+                          "(affinity_prediction is off in its hyper-parameters)")
+    sampling = job.sampling
+    generator = torch.Generator(device=grid.device).manual_seed(job.runtime.seed)
+    start = time.perf_counter()
+    prediction = model.predict(features, recycling_steps=sampling.affinity_recycling_steps,
+                               sampling_steps=sampling.affinity_sampling_steps,
+                               diffusion_samples=sampling.affinity_diffusion_samples, max_parallel_samples=1,
+                               generator=generator, dtype=dtype,
+                               progress=lambda stage, done, total: progress(f"affinity {stage}", done, total))
+    if grid.rank == 0:
+        values = {key: value.float().cpu() for key, value in prediction.affinity.items()}
+        path = write_affinity(job.resolve(job.output.dir), parsed.target.record.id, values, untrained=untrained)
+        progress.say(f"affinity pass ran in {time.perf_counter() - start:.1f} s; affinity_pred_value "
+                     f"{float(values['affinity_pred_value']):.4f}, affinity_probability_binary "
+                     f"{float(values['affinity_probability_binary']):.4f}; wrote {path}")
+
+
+def _wants_affinity(job: "JobConfig", parsed) -> bool:
+    return getattr(parsed.target.record, "affinity", None) is not None and job.model.affinity_checkpoint is not None
 
 
 def _check_collectives(grid, progress: Progress) -> None:
@@ -121,13 +191,13 @@ def _check_collectives(grid, progress: Progress) -> None:
     progress.say(f"collective self-check: {len(results)}/{len(results)} exact")
 
 
-def _not_applied(parsed) -> list[str]:
-    """What ``boltz predict`` would do for this input that this version does not."""
+def _not_applied(job: "JobConfig", parsed) -> list[str]:
+    """What ``boltz predict`` would do for this input that this run will not."""
     notes = []
     record = parsed.target.record
-    if getattr(record, "affinity", None) is not None:
-        notes.append("the input asks for affinity (properties: affinity); the affinity module is not implemented, "
-                     "so no affinity_*.json is written")
+    if getattr(record, "affinity", None) is not None and job.model.affinity_checkpoint is None:
+        notes.append("the input asks for affinity (properties: affinity) but [model] affinity_checkpoint is not "
+                     "set, so no affinity_*.json is written")
     options = record.inference_options
     forced = [c for c in ((options.pocket_constraints or []) + (options.contact_constraints or []) if options else [])
               if c[-1]]

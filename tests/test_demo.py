@@ -1,5 +1,6 @@
 """The README's main job end to end: ``mpirun -n 4 foldcp-hpc run jobs/demo.toml`` writes Boltz-layout outputs
-(mmCIF that biotite and gemmi read, Boltz-2's confidence JSON keys, pLDDT in [0, 1]), all labelled untrained."""
+(mmCIF that biotite and gemmi read, Boltz-2's confidence JSON keys, pLDDT in [0, 1], the affinity JSON of the
+affinity pass), all labelled untrained."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 
 from conftest import REPO, mpirun
 
+AFFINITY_KEYS = ["affinity_pred_value", "affinity_probability_binary", "affinity_pred_value1",
+                 "affinity_probability_binary1", "affinity_pred_value2", "affinity_probability_binary2"]
 BOLTZ2_KEYS = ["confidence_score", "ptm", "iptm", "ligand_iptm", "protein_iptm", "complex_plddt", "complex_iplddt",
                "complex_pde", "complex_ipde", "chains_ptm", "pair_chains_iptm"]
 
@@ -39,6 +42,11 @@ def test_demo_job_writes_boltz_outputs(tmp_path):
 
         structure = gemmi.read_structure(str(folder / f"demo_model_{k}.cif"))
         assert sum(1 for _ in structure[0].all()) == 352
+    affinity = json.loads((folder / "affinity_demo.json").read_text())
+    assert [key for key in affinity if key != "untrained_weights"] == AFFINITY_KEYS
+    assert affinity["untrained_weights"] is True
+    assert all(0 <= affinity[key] <= 1 for key in AFFINITY_KEYS if "probability" in key)
+    assert "affinity sampling: 200/200" in done.stdout
     first, second = (json.loads((folder / f"confidence_demo_model_{k}.json").read_text())["confidence_score"]
                      for k in range(2))
     assert first >= second  # samples ranked by confidence_score, as Boltz ranks them

@@ -215,3 +215,28 @@ def test_bad_arguments_name_the_numbers(case, tmp_path):
         write_predictions(tmp_path, INPUT, structure, case["coords"], case["plddt"], case["confidence"],
                           output_format="npz")
     assert not (tmp_path / "predictions").exists()
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_affinity_json_as_boltz_writes_it(tmp_path, ensemble):
+    from types import SimpleNamespace
+
+    from boltz.data.write.writer import BoltzAffinityWriter
+
+    from foldcp_hpc.io.predictions import write_affinity
+
+    values = {"affinity_pred_value": torch.tensor([[0.123456789]]),
+              "affinity_probability_binary": torch.tensor([[0.87654321]])}
+    if ensemble:
+        values.update({"affinity_pred_value1": torch.tensor([[-1.5]]), "affinity_probability_binary1": torch.tensor([[0.25]]),
+                       "affinity_pred_value2": torch.tensor([[2.0 / 3]]), "affinity_probability_binary2": torch.tensor([[1e-7]])})
+    ours = write_affinity(tmp_path / "ours", "lig", values)
+    (tmp_path / "boltz").mkdir()
+    writer = BoltzAffinityWriter(data_dir=str(tmp_path), output_dir=str(tmp_path / "boltz"))
+    writer.write_on_batch_end(None, None, {"exception": False, **values}, None,
+                              {"record": [SimpleNamespace(id="lig")]}, 0, 0)
+    assert ours.read_bytes() == (tmp_path / "boltz" / "lig" / "affinity_lig.json").read_bytes()
+    marked = json.loads(write_affinity(tmp_path / "marked", "lig", values, untrained=True).read_text())
+    assert list(marked)[-1] == "untrained_weights" and marked["untrained_weights"] is True
+    with pytest.raises(ValueError, match="affinity_probability_binary"):
+        write_affinity(tmp_path / "bad", "lig", {"affinity_pred_value": 1.0})

@@ -311,6 +311,33 @@ def reduced_boltz2_hparams(
     return hp
 
 
+def affinity_module_args(pairformer_blocks: int = 8) -> dict[str, Any]:
+    """One ``AffinityModule``'s constructor arguments (besides token_s / token_z) for random weights.
+
+    Boltz publishes no affinity configuration and the affinity checkpoint (``boltz2_aff.ckpt``) cannot be read
+    here, so these are the module's own defaults (64 distance bins up to 22 A) with an assumed 8-block pair-only
+    Pairformer of the trunk's head sizes and heads MLP width 384. A real affinity checkpoint brings its own.
+    """
+    return {
+        "pairformer_args": {"num_blocks": pairformer_blocks, "dropout": 0.25, "pairwise_head_width": 32,
+                            "pairwise_num_heads": 4, "post_layer_norm": False, "activation_checkpointing": False},
+        "transformer_args": {"token_s": 384, "num_blocks": 1, "num_heads": 16, "activation_checkpointing": False},
+        "num_dist_bins": 64,
+        "max_dist": 22,
+    }
+
+
+def with_affinity(hp: dict[str, Any], pairformer_blocks: int = 8, mw_correction: bool = False) -> dict[str, Any]:
+    """``hp`` turned into the architecture of Boltz-2's affinity model (for random weights): the whole structure +
+    confidence model plus the two-model affinity ensemble, as ``boltz predict`` loads ``boltz2_aff.ckpt``
+    (``affinity_mw_correction`` is its ``--affinity_mw_correction`` flag, off by default)."""
+    hp = dict(hp)
+    hp.update({"affinity_prediction": True, "affinity_ensemble": True, "affinity_mw_correction": mw_correction,
+               "affinity_model_args1": affinity_module_args(pairformer_blocks),
+               "affinity_model_args2": affinity_module_args(pairformer_blocks)})
+    return hp
+
+
 def embedder_args(hp: dict[str, Any]) -> dict[str, Any]:
     """The InputEmbedder's constructor arguments as ``Boltz2.__init__`` assembles them (``full_embedder_args``)."""
     keys = ("atom_s", "atom_z", "token_s", "token_z", "atoms_per_window_queries", "atoms_per_window_keys",

@@ -75,6 +75,7 @@ class Features:
         template: Boltz's template features, ``[T, N, ...]`` (O(T N): computed with boltz's own functions;
             the pair terms are built from them in the model, tile by tile). One all-zero template when the
             input has none, as Boltz does.
+        affinity_mw: the affinity ligand's molecular weight (affinity features only, else None).
     """
 
     token: dict[str, Tensor]
@@ -84,6 +85,7 @@ class Features:
     any_contact: bool
     msa: Optional["MSAPlan"] = None
     template: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    affinity_mw: Optional[float] = None
 
     def msa_block(self, p: int, row: int, col: int) -> tuple[Tensor, Tensor, Tensor]:
         """Rank (row, col)'s MSA block: rows block ``col`` of token block ``row``, padded with gaps.
@@ -199,12 +201,15 @@ class Features:
 # ------------------------------------------------------------------------------------------------------------
 def featurize(tokenized: Any, molecules: dict[str, Any], random: np.random.Generator,
               pocket_constraints: Optional[list] = None, contact_constraints: Optional[list] = None,
-              override_method: Optional[str] = None, with_msa: bool = True) -> Features:
+              override_method: Optional[str] = None, with_msa: bool = True, compute_affinity: bool = False
+              ) -> Features:
     """Token and atom features of a tokenized input, as Boltz-2's inference featurizer computes them.
 
     tokenized: boltz's ``Tokenized`` (from ``Boltz2Tokenizer().tokenize``); molecules: CCD code -> RDKit Mol;
     random: the generator Boltz uses for conformer choice (``np.random.default_rng(42)`` at inference);
     the reference-conformer augmentation draws from torch's global generator, as Boltz's does.
+    compute_affinity: also the affinity module's inputs (``profile_affinity`` and ``deletion_mean_affinity``
+    from the query row, the ligand's molecular weight); templates are then left out, as Boltz does.
     """
     from .msa import plan_msa
 
@@ -212,19 +217,27 @@ def featurize(tokenized: Any, molecules: dict[str, Any], random: np.random.Gener
                                                           override_method)
     atom = _atom_features(tokenized, molecules, random)
     plan = None
+    tokens = slice(0, len(tokenized.tokens))
     if with_msa:  # after the atom features: Boltz draws nothing random for the MSA at inference
         plan = plan_msa(tokenized)
-        token["profile"], token["deletion_mean"] = plan.profile_and_deletion_mean(slice(0, len(tokenized.tokens)))
+        token["profile"], token["deletion_mean"] = plan.profile_and_deletion_mean(tokens)
+    affinity_mw = None
+    if compute_affinity:
+        if plan is None:
+            raise ValueError("compute_affinity needs the MSA plan (with_msa=True)")
+        token["profile_affinity"], token["deletion_mean_affinity"] = plan.profile_and_deletion_mean(tokens, n_rows=1)
+        affinity_mw = float(tokenized.record.affinity.mw)
+    template = _template_features(tokenized, with_templates=not compute_affinity)
     return Features(token=token, atom=atom, bonds=bonds, contacts=contacts, any_contact=any_contact, msa=plan,
-                    template=_template_features(tokenized))
+                    template=template, affinity_mw=affinity_mw)
 
 
-def _template_features(data: Any) -> dict[str, Tensor]:
+def _template_features(data: Any, with_templates: bool = True) -> dict[str, Tensor]:
     """Boltz's template features (per template and token: O(T N)), or its single all-zero template."""
     from boltz.data.feature.featurizerv2 import load_dummy_templates_features, process_template_features
 
     n_tokens = data.tokens.shape[0]
-    if data.templates:
+    if data.templates and with_templates:
         return process_template_features(data=data, max_tokens=n_tokens)
     return load_dummy_templates_features(tdim=1, num_tokens=n_tokens)
 

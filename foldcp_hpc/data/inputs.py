@@ -218,6 +218,7 @@ def known_ccd_codes() -> frozenset[str]:
 
 def parse_input(path: str | Path, cache_dir: str | Path) -> ParsedInput:
     """Check and parse an input with boltz's parser, building the CCD molecules it needs into ``cache_dir``."""
+    import rdkit.Chem.Descriptors  # noqa: F401 - boltz's schema reads AllChem.Descriptors (affinity ligand MolWt)
     from boltz.data.mol import load_canonicals, load_molecules
     from boltz.data.parse.schema import parse_boltz_schema
 

@@ -122,20 +122,23 @@ class MSAPlan:
                             deletion[i, j] = d
         return torch.from_numpy(msa), torch.from_numpy(deletion), torch.from_numpy(paired)
 
-    def profile_and_deletion_mean(self, tokens: slice, rows_per_block: int = 256) -> tuple[Tensor, Tensor]:
-        """Boltz's ``profile`` [n, 33] (mean one-hot over all rows) and ``deletion_mean`` [n] for a token range,
-        accumulated over blocks of rows (no [S, n] array is held)."""
+    def profile_and_deletion_mean(self, tokens: slice, rows_per_block: int = 256, n_rows: int | None = None
+                                  ) -> tuple[Tensor, Tensor]:
+        """Boltz's ``profile`` [n, 33] (mean one-hot over the rows) and ``deletion_mean`` [n] for a token range,
+        accumulated over blocks of rows (no [S, n] array is held). n_rows: only the first rows (1 gives the
+        affinity module's ``profile_affinity``: Boltz builds it from a one-row MSA); default all."""
         from boltz.data import const
 
+        n_rows = self.n_rows if n_rows is None else min(n_rows, self.n_rows)
         n = tokens.stop - tokens.start
         counts = torch.zeros(n, const.num_tokens, dtype=torch.long)
         deletion_sum = torch.zeros(n, dtype=torch.float64)
-        for start in range(0, self.n_rows, rows_per_block):
-            msa, deletion, _ = self.block(slice(start, min(start + rows_per_block, self.n_rows)), tokens)
+        for start in range(0, n_rows, rows_per_block):
+            msa, deletion, _ = self.block(slice(start, min(start + rows_per_block, n_rows)), tokens)
             counts.scatter_add_(1, msa.T, torch.ones_like(msa.T))  # counts[j, msa[i, j]] += 1
             deletion_sum += (np.pi / 2 * torch.arctan(deletion.double() / 3)).sum(0)
         # counts are exact integers: float32 count / rows is the float32 mean Boltz computes
-        return counts.float() / self.n_rows, (deletion_sum / self.n_rows).float()
+        return counts.float() / n_rows, (deletion_sum / n_rows).float()
 
 
 def plan_msa(data: Any) -> MSAPlan:

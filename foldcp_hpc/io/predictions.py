@@ -15,7 +15,13 @@ both the atom table and the coords table, every atom and residue present, no int
 through float32 as they do in Boltz's tensors, so that the ranking, the JSON floats and the B-factors are
 those Boltz writes for the same values.
 
-Not written: ``pre_affinity_<name>.npz`` (affinity inputs) and ``embeddings_<name>.npz`` (``--write_embeddings``).
+With affinity (``write_affinity``, Boltz's ``BoltzAffinityWriter``):
+
+    affinity_<name>.json               ``affinity_pred_value``, ``affinity_probability_binary`` and, for the
+                                       two-model ensemble, the same suffixed 1 and 2
+
+Not written: ``pre_affinity_<name>.npz`` (the affinity pass takes the top-ranked structure in memory) and
+``embeddings_<name>.npz`` (``--write_embeddings``).
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["SUMMARY_KEYS", "UNTRAINED_NOTE", "count_tokens", "rank_samples", "confidence_summary",
-           "write_predictions"]
+__all__ = ["SUMMARY_KEYS", "AFFINITY_KEYS", "UNTRAINED_NOTE", "count_tokens", "rank_samples", "confidence_summary",
+           "with_coords", "write_predictions", "write_affinity"]
 
 # The scalar keys of Boltz-2's confidence JSON, in its order; "chains_ptm" and "pair_chains_iptm" follow.
 SUMMARY_KEYS = ("confidence_score", "ptm", "iptm", "ligand_iptm", "protein_iptm", "complex_plddt",
@@ -158,7 +164,7 @@ def write_predictions(out_dir: Path, name: str, structure, coords: np.ndarray, p
         written.append(path)
 
     for sample, rank in enumerate(ranks):
-        model = _with_coords(valid, coords[sample, :n_atoms])
+        model = with_coords(valid, coords[sample, :n_atoms])
         # boltz's writers index and average a float32 tensor (.item(), .mean()); the same here
         token_plddt = torch.from_numpy(plddt[sample])
         stem = f"{name}_model_{rank}"
@@ -177,7 +183,28 @@ def write_predictions(out_dir: Path, name: str, structure, coords: np.ndarray, p
     return written
 
 
-def _with_coords(valid, coords: np.ndarray):
+AFFINITY_KEYS = ("affinity_pred_value", "affinity_probability_binary", "affinity_pred_value1",
+                 "affinity_probability_binary1", "affinity_pred_value2", "affinity_probability_binary2")
+
+
+def write_affinity(out_dir: Path, name: str, values: Mapping[str, Any], untrained: bool = False) -> Path:
+    """``<out_dir>/predictions/<name>/affinity_<name>.json`` as Boltz's affinity writer makes it: the values of
+    ``AFFINITY_KEYS`` present in ``values`` (one-element tensors or numbers, through float32), in that order;
+    with ``untrained``, ``"untrained_weights": true`` last."""
+    for key in AFFINITY_KEYS[:2]:
+        if key not in values:
+            raise ValueError(f"affinity: missing {key} (Boltz-2 writes {', '.join(AFFINITY_KEYS[:2])})")
+    summary: dict[str, Any] = {key: _as_float32(values[key]) for key in AFFINITY_KEYS if key in values}
+    if untrained:
+        summary["untrained_weights"] = True
+    struct_dir = Path(out_dir) / "predictions" / name
+    struct_dir.mkdir(parents=True, exist_ok=True)
+    path = struct_dir / f"affinity_{name}.json"
+    path.write_text(json.dumps(summary, indent=4))
+    return path
+
+
+def with_coords(valid, coords: np.ndarray):
     """``valid`` (masked chains removed) with coords [M_valid, 3] in its atom and coords tables, every atom
     and residue present and no interfaces: the per-model structure of Boltz's writer."""
     from boltz.data.types import Coords, Interface

@@ -1,5 +1,6 @@
-"""The whole Boltz-2 model on the grid: trunk, diffusion conditioning, sampler and confidence, run as
-``Boltz2.forward`` runs them at inference (``boltz predict``: confidence one sample at a time).
+"""The whole Boltz-2 model on the grid: trunk, diffusion conditioning, sampler, confidence and (with an affinity
+checkpoint's hyper-parameters) affinity, run as ``Boltz2.forward`` runs them at inference (``boltz predict``:
+confidence one sample at a time; affinity on the sample with the best ipTM).
 
 ``FoldModel.load_boltz_state`` takes a Boltz-2 state dict (a checkpoint's, or ``Boltz2(...)``'s random one)
 and loads it strictly; the only Boltz-2 parameters not used are the b-factor head's (``bfactor_module.*``:
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from ..data.boltz2_hparams import diffusion_conditioning_args
 from ..distributed.autograd import gather_pair
+from .affinity import AffinityModule, affinity_outputs, cross_pair_mask
 from .confidence import ConfidenceModule, SampleConfidence
 from .diffusion_conditioning import DiffusionConditioning
 from .sampler import AtomDiffusion
@@ -36,7 +38,9 @@ class Prediction:
 
     coords: [samples, M, 3] replicated; trunk: the trunk's output (tiles); confidence: one
     :class:`~foldcp_hpc.model.confidence.SampleConfidence` per sample (tiles and replicated values); pae, pde:
-    [samples, N, N] gathered only when asked for (the output path), else None.
+    [samples, N, N] gathered only when asked for (the output path), else None; affinity: Boltz-2's affinity
+    outputs (``affinity_pred_value``, ``affinity_probability_binary`` and, for the ensemble, the same suffixed
+    1 and 2; each [1, 1] replicated) when the model predicts affinity, else None.
     """
 
     coords: Tensor
@@ -44,6 +48,7 @@ class Prediction:
     confidence: list[SampleConfidence]
     pae: Optional[Tensor] = None
     pde: Optional[Tensor] = None
+    affinity: Optional[dict[str, Tensor]] = None
 
 
 class FoldModel(nn.Module):
@@ -70,6 +75,16 @@ class FoldModel(nn.Module):
                 fix_sym_check=hparams.get("fix_sym_check", False), cyclic_pos_enc=hparams.get("cyclic_pos_enc", False),
                 conditioning_cutoff_min=hparams.get("conditioning_cutoff_min"),
                 conditioning_cutoff_max=hparams.get("conditioning_cutoff_max"), **args, grid=grid)
+        self.affinity_prediction = hparams.get("affinity_prediction", False)
+        self.affinity_mw_correction = hparams.get("affinity_mw_correction", True)
+        if self.affinity_prediction:
+            if not self.confidence_prediction:
+                raise ValueError("affinity_prediction needs confidence_prediction (Boltz-2 picks the sample by ipTM)")
+            if hparams.get("affinity_ensemble", False):
+                self.affinity_module1 = AffinityModule(token_s, token_z, **hparams["affinity_model_args1"], grid=grid)
+                self.affinity_module2 = AffinityModule(token_s, token_z, **hparams["affinity_model_args2"], grid=grid)
+            else:
+                self.affinity_module = AffinityModule(token_s, token_z, **hparams["affinity_model_args"], grid=grid)
         steering = hparams.get("steering_args") or {}
         self.steering = [k for k in ("fk_steering", "physical_guidance_update", "contact_guidance_update")
                          if steering.get(k)]
@@ -133,5 +148,27 @@ class FoldModel(nn.Module):
                     pde.append(gather_pair(result.pde[..., None], grid, n_tokens)[..., 0])
                 confidences.append(result)
                 report("confidence", k + 1, diffusion_samples)
+        affinity = None
+        if self.affinity_prediction:
+            affinity = self.predict_affinity(features, token, atom, trunk, coords, confidences)
+            report("affinity", 1, 1)
         return Prediction(coords=coords, trunk=trunk, confidence=confidences,
-                          pae=torch.cat(pae) if pae else None, pde=torch.cat(pde) if pde else None)
+                          pae=torch.cat(pae) if pae else None, pde=torch.cat(pde) if pde else None, affinity=affinity)
+
+    def predict_affinity(self, features: "Features", token: dict[str, Tensor], atom: dict[str, Tensor],
+                         trunk: TrunkOutput, coords: Tensor, confidences: list[SampleConfidence]) -> dict[str, Tensor]:
+        """Boltz-2's affinity outputs for the sample with the best ipTM (``Boltz2.forward``'s choice).
+
+        token, atom: :meth:`Features.model_inputs` (with ``profile_affinity``); coords: [S, M, 3] replicated.
+        """
+        if "profile_affinity" not in token:
+            raise ValueError("the affinity model needs affinity features (featurize(..., compute_affinity=True))")
+        iptm = torch.cat([c.iptm for c in confidences])
+        best = int(torch.argsort(iptm, descending=True)[0])
+        s_inputs = self.trunk.input_embedder(token, atom, affinity=True)
+        cross = cross_pair_mask(token, self.grid, features.n_tokens, trunk.z.dtype)
+        z = trunk.z * cross[..., None]
+        modules = ([self.affinity_module1, self.affinity_module2] if hasattr(self, "affinity_module1")
+                   else [self.affinity_module])
+        results = [module(s_inputs, z, coords[best:best + 1], token, atom, cross) for module in modules]
+        return affinity_outputs(results, features.affinity_mw, self.affinity_mw_correction)

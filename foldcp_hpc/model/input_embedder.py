@@ -67,9 +67,11 @@ class InputEmbedder(nn.Module):
             self.mol_type_conditioning_init = nn.Embedding(N_CHAIN_TYPES, token_s)
             nn.init.zeros_(self.mol_type_conditioning_init.weight)
 
-    def forward(self, token: dict[str, Tensor], atom: dict[str, Tensor]) -> Tensor:
+    def forward(self, token: dict[str, Tensor], atom: dict[str, Tensor], affinity: bool = False) -> Tensor:
         """token: 1-D token features [B, N, ...] (``res_type`` one-hot, ``profile``, ``deletion_mean``, ...);
-        atom: 1-D atom features [B, M, ...] in index form (``atom_to_token`` [B, M], -1 on padding atoms).
+        atom: 1-D atom features [B, M, ...] in index form (``atom_to_token`` [B, M], -1 on padding atoms);
+        affinity: read ``profile_affinity`` / ``deletion_mean_affinity`` (the query sequence only), as Boltz's
+        embedder does for the affinity module.
 
         returns s_inputs: [B, N, token_s] replicated.
         """
@@ -83,8 +85,9 @@ class InputEmbedder(nn.Module):
 
         dtype = self.res_type_encoding.weight.dtype
         s = a + self.res_type_encoding(token["res_type"].to(dtype))
-        s = s + self.msa_profile_encoding(torch.cat([token["profile"].to(dtype),
-                                                     token["deletion_mean"].to(dtype)[..., None]], dim=-1))
+        suffix = "_affinity" if affinity else ""
+        s = s + self.msa_profile_encoding(torch.cat([token["profile" + suffix].to(dtype),
+                                                     token["deletion_mean" + suffix].to(dtype)[..., None]], dim=-1))
         if self.add_method_conditioning:
             s = s + self.method_conditioning_init(token["method_feature"].long())
         if self.add_modified_flag:
