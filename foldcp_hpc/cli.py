@@ -7,6 +7,13 @@ Commands
                collective self-check.
     featurize  check and parse the job's input, compute its features (rank 0) and every rank's pair-feature
                tile, and print a summary: what a run would fold, and the per-rank memory of the features.
+    validate   check a job for P ranks on one process, without GPUs or MPI: job file, grid, checkpoint, output
+               folder, input (featurized as run does); prints a report ending with OK, or one error line and
+               exits with status 1.
+    plan       predict the per-rank peak memory of each stage of a job on P ranks (serial, no GPU), say whether
+               it fits a given memory per rank, the largest input that fits, and the smallest grid that fits.
+    inspect    print what an HDF5 file of foldcp_hpc holds (stage, grid, datasets, complete or not); --plot
+               draws a pair quantity as a PNG, read tile by tile and downsampled.
 """
 
 from __future__ import annotations
@@ -35,14 +42,51 @@ def _parser() -> argparse.ArgumentParser:
     featurize = commands.add_parser("featurize", help="check and featurize the job's input; print a summary")
     featurize.add_argument("job", help="job file (TOML) with an [input] section")
     featurize.add_argument("overrides", nargs="*", metavar="section.key=value", help="override job-file values")
+    validate = commands.add_parser("validate", help="check a job for P ranks without GPUs, MPI or the model")
+    validate.add_argument("job", help="job file (TOML)")
+    validate.add_argument("overrides", nargs="*", metavar="section.key=value", help="override job-file values")
+    validate.add_argument("--ranks", type=int, required=True, metavar="P",
+                          help="ranks the job will run on (P = dp * p^2)")
+    validate.add_argument("--no-features", action="store_true",
+                          help="parse and tokenize the input but skip its features (same counts, much faster on "
+                               "inputs of tens of thousands of tokens)")
+    plan = commands.add_parser("plan", help="predict per-rank peak memory of each stage for P ranks (serial, no GPU)")
+    plan.add_argument("job", help="job file (TOML)")
+    plan.add_argument("overrides", nargs="*", metavar="section.key=value", help="override job-file values")
+    plan.add_argument("--ranks", type=int, required=True, metavar="P", help="ranks of the run (P = dp * p^2)")
+    plan.add_argument("--gpu-mem", default="80GiB", help="memory per rank (default 80GiB; GB = 1e9, GiB = 2^30)")
+    plan.add_argument("--dtype", choices=("float32", "float64", "bfloat16"),
+                      help="what-if precision (default: the job's [model] dtype)")
+    plan.add_argument("--tokens", type=int, help="what-if token count (atoms in the input's proportion)")
+    plan.add_argument("--atoms", type=int, help="what-if atom count (with --tokens the input is not read)")
+    plan.add_argument("--msa-rows", type=int, help="what-if MSA depth")
+    inspect = commands.add_parser("inspect", help="print what an HDF5 file of foldcp_hpc holds; plot a pair quantity")
+    inspect.add_argument("file", help="HDF5 file (intermediates or checkpoint)")
+    inspect.add_argument("--plot", metavar="NAME", help="dataset to draw as a PNG, e.g. /trunk/z or /confidence/pae")
+    inspect.add_argument("--out", metavar="PNG", help="where to write the PNG (default <file stem><NAME>.png)")
+    inspect.add_argument("--quantity", choices=("argmax", "expected", "norm", "value"),
+                         help="what to draw (default: argmax for distograms, value for [S, N, N], norm otherwise)")
+    inspect.add_argument("--downsample", type=int, metavar="K",
+                         help="average K x K token blocks (default: the smallest K giving at most 2048 pixels)")
+    inspect.add_argument("--sample", type=int, default=0, metavar="S", help="sample of an [S, N, N] dataset")
     run = commands.add_parser("run", help="fold the job's input and write Boltz-layout predictions")
     run.add_argument("job", help="job file (TOML)")
     run.add_argument("overrides", nargs="*", metavar="section.key=value", help="override job-file values")
+    run.add_argument("--resume", metavar="CHECKPOINT", nargs="?", const="",
+                     help="continue from a checkpoint file, or from the newest complete one in a folder (a damaged "
+                          "file is passed over for the one before); alone: the job's checkpoint folder. The grid "
+                          "may differ from the one that wrote it")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a positional list at the first option, so in `validate job.toml --ranks 8 grid.dp=2`
+    # the override after the option arrives here: append it; anything else is still an error.
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     if getattr(args, "job", None) and "=" in args.job and not Path(args.job).exists():
         args.overrides, args.job = [args.job, *args.overrides], None  # only overrides were given
     with abort_on_error(args.traceback or None):
@@ -52,10 +96,24 @@ def main(argv: list[str] | None = None) -> int:
             from .featurize import run_featurize
 
             return run_featurize(args.job, args.overrides)
+        if args.command == "validate":
+            from .validate import run_validate
+
+            return run_validate(args.job, args.overrides, args.ranks, features=not args.no_features,
+                                traceback_wanted=args.traceback or None)
+        if args.command == "plan":
+            from .plan.report import plan_command
+
+            return plan_command(args.job, args.overrides, args.ranks, args.gpu_mem, args.dtype, args.tokens,
+                                args.atoms, args.msa_rows, traceback_wanted=args.traceback or None)
+        if args.command == "inspect":
+            from .inspect import run_inspect
+
+            return run_inspect(args.file, args.plot, args.out, args.quantity, args.downsample, args.sample)
         if args.command == "run":
             from .run import run_job
 
-            return run_job(args.job, args.overrides)
+            return run_job(args.job, args.overrides, resume=args.resume)
     return 0
 
 

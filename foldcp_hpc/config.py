@@ -29,7 +29,7 @@ from .distributed.transport import TRANSPORTS
 from .errors import UniformError
 
 __all__ = ["ConfigError", "GridConfig", "RuntimeConfig", "InputConfig", "ModelConfig", "SamplingConfig", "OutputConfig",
-           "JobConfig", "load_job", "parse_overrides"]
+           "CheckpointConfig", "JobConfig", "load_job", "parse_overrides"]
 
 
 class ConfigError(UniformError):
@@ -112,6 +112,7 @@ class InputConfig:
 
 
 ARCHITECTURES = ("boltz2", "boltz2-small")
+SAVE_CHOICES = ("s_inputs", "trunk_s", "trunk_z", "distogram", "pae", "pde", "plddt")
 DTYPES = ("float32", "float64")
 OUTPUT_FORMATS = ("mmcif", "pdb")
 
@@ -165,6 +166,27 @@ class OutputConfig:
     format: str = field(default="mmcif", metadata=_doc("Structure file format.", OUTPUT_FORMATS))
     write_full_pae: bool = field(default=False, metadata=_doc("Also write the full PAE matrices (pae_*.npz)."))
     write_full_pde: bool = field(default=False, metadata=_doc("Also write the full PDE matrices (pde_*.npz)."))
+    save: tuple[str, ...] = field(default=(), metadata=_doc(
+        "Intermediates to stream, tile by tile, into <dir>/intermediates_<input name>.h5 (docs/hdf5-layout.md): "
+        "s_inputs, trunk_s, trunk_z, distogram, pae, pde, plddt.", SAVE_CHOICES))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """``[checkpoint]``: when the run saves the state it can resume from (``foldcp-hpc run --resume``)."""
+
+    enabled: bool = field(default=True, metadata=_doc(
+        "Write checkpoints (at every recycle's end, every_blocks Pairformer blocks and every_steps sampler steps) "
+        "and one on SIGTERM / SIGUSR1 before exiting with code 75."))
+    dir: str | None = field(default=None, metadata=_doc(
+        "Checkpoint folder (relative to the job file's folder); unset: <output dir>/checkpoints/<input name>."))
+    every_blocks: int = field(default=64, metadata=_doc(
+        "Also checkpoint after every this many Pairformer blocks within a recycle (each checkpoint writes z: "
+        "N x N x 128 values over the ranks).", check=_positive))
+    every_steps: int = field(default=50, metadata=_doc("Checkpoint after every this many sampler steps.",
+                                                      check=_positive))
+    keep: int = field(default=2, metadata=_doc("Complete checkpoints kept (older ones are deleted).",
+                                               check=_positive))
 
 
 @dataclass(frozen=True)
@@ -177,6 +199,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
     def resolve(self, path: str) -> Path:
@@ -188,7 +211,8 @@ class JobConfig:
 
 
 SECTIONS: dict[str, type] = {"grid": GridConfig, "runtime": RuntimeConfig, "input": InputConfig,
-                             "model": ModelConfig, "sampling": SamplingConfig, "output": OutputConfig}
+                             "model": ModelConfig, "sampling": SamplingConfig, "output": OutputConfig,
+                             "checkpoint": CheckpointConfig}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -218,6 +242,15 @@ def _convert(value: Any, annotation: Any, where: str, choices: Sequence[str] | N
     elif annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
+    elif typing.get_origin(annotation) is tuple:  # tuple[str, ...]: a TOML list of strings
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        for item in value:
+            if choices is not None and item not in choices:
+                close = difflib.get_close_matches(item, list(choices), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{where}: {item!r} is not one of {', '.join(choices)}{hint}")
+        return tuple(value)
     if choices is not None and value not in choices:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
     return value

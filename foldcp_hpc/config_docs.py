@@ -67,12 +67,16 @@ def _type_name(annotation: Any) -> str:
     if type(None) in args:
         inner = next(a for a in args if a is not type(None))
         return f"{_TYPE_NAMES.get(inner, getattr(inner, '__name__', str(inner)))} or unset"
+    if typing.get_origin(annotation) is tuple:
+        return "list of strings"
     return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def _toml_value(value: Any) -> str:
     if value is None:
         return "unset"
+    if isinstance(value, tuple):
+        return "`[" + ", ".join(f'"{v}"' for v in value) + "]`"
     if isinstance(value, bool):
         return "`true`" if value else "`false`"
     if isinstance(value, str):

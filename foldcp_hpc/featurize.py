@@ -39,10 +39,10 @@ def tokenize_input(path, cache_dir, max_msa_seqs: int = 8192) -> tuple[Any, Any,
 
 
 def features_of(path, cache_dir, max_tokens: int | None = None, max_msa_seqs: int = 8192,
-                keep_parsed: bool = False) -> tuple:
+                keep_parsed: bool = False, seed: int | None = None) -> tuple:
     """Parse, tokenize and featurize one input on this rank; returns the features and a summary (and, with
     ``keep_parsed``, the parsed input and its MSAs: the output writer needs its structure, the affinity pass
-    both)."""
+    both). seed: seeds the reference conformers' augmentation, so that a run (and its resume) is reproducible."""
     parsed, tokenized, msas = tokenize_input(path, cache_dir, max_msa_seqs)
     import numpy as np
 
@@ -53,6 +53,10 @@ def features_of(path, cache_dir, max_tokens: int | None = None, max_msa_seqs: in
     if max_tokens is not None and n_tokens > max_tokens:
         raise InputError(f"{path}: {n_tokens} tokens, more than [input] max_tokens = {max_tokens}")
     options = target.record.inference_options
+    if seed is not None:  # the reference conformers' random augmentation draws from torch's generator
+        import torch
+
+        torch.manual_seed(seed)
     features = featurize(tokenized, parsed.molecules, np.random.default_rng(42),
                          options.pocket_constraints if options else None,
                          options.contact_constraints if options else None)

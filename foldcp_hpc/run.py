@@ -4,6 +4,11 @@ Rank 0 reads and featurizes the input (a bad input or job file ends the whole jo
 starts); every rank then builds the grid, receives the weights (rank 0 reads the checkpoint, or makes seeded
 random weights), and runs the model on its tiles; rank 0 writes the outputs and says where.
 
+Checkpoints (``[checkpoint]``) are written at every recycle's end, every few Pairformer blocks and sampler steps,
+and on SIGTERM / SIGUSR1, after which the run exits with code 75 (:data:`~foldcp_hpc.io.checkpoint.EXIT_PREEMPTED`);
+``--resume`` continues from the newest complete one, on any grid. ``[output] save`` streams intermediates into
+``intermediates_<name>.h5``.
+
 When the input asks for ``properties: affinity`` and ``[model] affinity_checkpoint`` is set, a second pass follows
 as in ``boltz predict``: the top-ranked structure is cropped around the ligand (at most 256 tokens), featurized on
 rank 0, and folded again on the grid by the affinity model, whose affinity heads write ``affinity_<name>.json``.
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from .config import ConfigError, load_job
 from .featurize import features_of
+from .io.checkpoint import EXIT_PREEMPTED, Preempted
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -55,23 +61,37 @@ def confidence_rows(prediction) -> list[dict]:
     return rows
 
 
-def run_job(job_path: str, overrides: list[str]) -> int:
+def run_job(job_path: str, overrides: list[str], resume: str | None = None) -> int:
+    """Fold the job's input; returns the exit status (0, or EXIT_PREEMPTED after a signal's checkpoint)."""
     job = load_job(job_path, overrides)
     if job.input.path is None:
         raise ConfigError(f"{job.source}: [input] path: required (the Boltz .yaml or .fasta to fold)")
     from mpi4py import MPI
 
+    from .io.checkpoint import StopSignal
+
     world = MPI.COMM_WORLD
+    stop = StopSignal().install()  # from the start: a signal during set-up stops the run at its first block
     progress = Progress(world.Get_rank() == 0)
     package, parsed, msas = None, None, None
     if world.Get_rank() == 0:
         progress.say(f"job {job.source}: reading {job.resolve(job.input.path)}")
         features, summary, parsed, msas = features_of(job.resolve(job.input.path), job.resolve(job.input.ccd_cache),
-                                                      job.input.max_tokens, job.input.max_msa_seqs, keep_parsed=True)
-        package = (features, summary, _wants_affinity(job, parsed))
+                                                      job.input.max_tokens, job.input.max_msa_seqs, keep_parsed=True,
+                                                      seed=job.runtime.seed)
+        resume_path = _find_resume(job, resume, summary["name"]) if resume is not None else None
+        package = (features, summary, _wants_affinity(job, parsed), _identity(job), resume_path)
         for line in _not_applied(job, parsed):
             progress.say(f"note: {line}")
-    features, summary, affinity_pass = world.bcast(package, root=0)
+    features, summary, affinity_pass, identity, resume_path = world.bcast(package, root=0)
+    try:
+        return _fold(job, features, summary, parsed, msas, affinity_pass, identity, resume_path, stop, progress)
+    finally:
+        stop.uninstall()
+
+
+def _fold(job: "JobConfig", features, summary: dict, parsed, msas, affinity_pass: bool, identity: str,
+          resume_path: Path | None, stop, progress: Progress) -> int:
 
     import torch
 
@@ -88,15 +108,34 @@ def run_job(job_path: str, overrides: list[str]) -> int:
         model, untrained = _model(job, grid, job.model.checkpoint, hparams_for(job), dtype, progress)
         generator = torch.Generator(device=grid.device).manual_seed(job.runtime.seed)
         sampling = job.sampling
+        checkpointer = _checkpointer(job, grid, summary, identity, model, stop, progress)
+        resume_point = None
+        if resume_path is not None:
+            from .io.checkpoint import load_checkpoint
+
+            resume_point = load_checkpoint(resume_path, grid, identity, dtype)
+            progress.say(f"resuming from {resume_path} ({resume_point.stage} stage)")
         start = time.perf_counter()
-        prediction = model.predict(
-            features, recycling_steps=sampling.recycling_steps, sampling_steps=sampling.sampling_steps,
-            diffusion_samples=sampling.diffusion_samples, max_parallel_samples=sampling.max_parallel_samples,
-            generator=generator, dtype=dtype, gather_pae=job.output.write_full_pae,
-            gather_pde=job.output.write_full_pde, progress=progress)
+        try:
+            prediction = model.predict(
+                features, recycling_steps=sampling.recycling_steps, sampling_steps=sampling.sampling_steps,
+                diffusion_samples=sampling.diffusion_samples, max_parallel_samples=sampling.max_parallel_samples,
+                generator=generator, dtype=dtype, gather_pae=job.output.write_full_pae,
+                gather_pde=job.output.write_full_pde, progress=progress, hooks=checkpointer, resume=resume_point)
+        except Preempted as stopped:
+            progress.say(f"{stopped}; exiting with code {EXIT_PREEMPTED}. Resume with: foldcp-hpc run "
+                         f"{job.source} --resume {stopped.path.parent}")
+            return EXIT_PREEMPTED
         seconds = time.perf_counter() - start
         rows = confidence_rows(prediction)
         del model
+        if job.output.save:
+            from .io.intermediates import save_intermediates
+
+            path = job.resolve(job.output.dir) / f"intermediates_{summary['name']}.h5"
+            save_intermediates(path, grid, prediction, features.n_tokens, job.output.save,
+                               attrs={"input": summary["name"], "job": _job_text(job), "dtype": job.model.dtype})
+            progress.say(f"wrote intermediates ({', '.join(job.output.save)}) to {path}")
         top_coords = None
         if grid.rank == 0:
             written = _write(job, parsed, prediction, rows, untrained=untrained)
@@ -111,6 +150,46 @@ def run_job(job_path: str, overrides: list[str]) -> int:
         if affinity_pass:
             _affinity(job, grid, parsed, msas, top_coords, dtype, progress)
     return 0
+
+
+def _identity(job: "JobConfig") -> str:
+    """What a checkpoint must agree with to be resumed by this job (not the grid: a resume may change it)."""
+    import dataclasses
+    import hashlib
+
+    from .io.checkpoint import fingerprint
+
+    data = Path(job.resolve(job.input.path)).read_bytes()
+    return fingerprint({"input": hashlib.sha256(data).hexdigest(), "model": dataclasses.asdict(job.model),
+                        "sampling": dataclasses.asdict(job.sampling), "seed": job.runtime.seed,
+                        "max_msa_seqs": job.input.max_msa_seqs})
+
+
+def _job_text(job: "JobConfig") -> str:
+    return Path(job.source).read_text() if job.source != "<defaults>" else ""
+
+
+def _checkpoint_dir(job: "JobConfig", name: str) -> Path:
+    if job.checkpoint.dir is not None:
+        return job.resolve(job.checkpoint.dir)
+    return job.resolve(job.output.dir) / "checkpoints" / name
+
+
+def _find_resume(job: "JobConfig", resume: str, name: str) -> Path:
+    from .io.checkpoint import find_checkpoint
+
+    return find_checkpoint(Path(resume).expanduser() if resume else _checkpoint_dir(job, name))
+
+
+def _checkpointer(job: "JobConfig", grid, summary: dict, identity: str, model, stop, progress: Progress):
+    from .io.checkpoint import Checkpointer
+
+    cfg = job.checkpoint
+    return Checkpointer(grid=grid, directory=_checkpoint_dir(job, summary["name"]), identity=identity,
+                        n_tokens=summary["tokens"], blocks=model.trunk.pairformer_module.num_blocks,
+                        recycling_steps=job.sampling.recycling_steps, every_blocks=cfg.every_blocks,
+                        every_steps=cfg.every_steps, keep=cfg.keep, stop=stop, say=progress.say,
+                        enabled=cfg.enabled, attrs={"input": summary["name"], "grid_p_writer": grid.p})
 
 
 def _model(job: "JobConfig", grid, checkpoint: str, hparams: dict | None, dtype, progress: Progress):
@@ -144,7 +223,7 @@ def _affinity(job: "JobConfig", grid, parsed, msas, top_coords, dtype, progress:
     package = None
     if grid.rank == 0:
         n_valid = len(parsed.target.structure.remove_invalid_chains().atoms)
-        features, _ = affinity_features(parsed, msas, top_coords[:n_valid])
+        features, _ = affinity_features(parsed, msas, top_coords[:n_valid], seed=job.runtime.seed)
         package = features
         progress.say(f"affinity: {features.n_tokens} of {count_tokens(parsed.target.structure)} tokens around the "
                      f"ligand, {int(features.atom['atom_pad_mask'].sum())} atoms")

@@ -8,7 +8,7 @@
 #   - oversubscription and no core binding, so more ranks than cores run (slowly) instead of refusing;
 #   - OMP_NUM_THREADS=1 unless already set, so oversubscribed ranks do not fight over threads;
 #   - the shared-memory transport without single-copy (CMA), which containers often forbid.
-# Clusters use their own launchers: see jobs/slurm.sh and jobs/pbs.sh once they exist.
+# Clusters use their own launchers: see jobs/slurm.sbatch, jobs/pbs.sh and jobs/mpirun.sh (docs/running.md).
 set -euo pipefail
 if [ "$(id -u)" = 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up foldcp_hpc on a Debian 12 machine: Debian's Open MPI and parallel HDF5, a venv at .venv with torch,
 # mpi4py 4.x, h5py built against parallel HDF5, boltz 2.2.1 (its parser and tokenizer are used, and it is the
-# numerical reference), biotite (the offline CCD), the test tools and the project itself (editable).
+# numerical reference), biotite (the offline CCD), matplotlib (inspect --plot), the test tools and the project
+# itself (editable).
 #
 # Assumptions: Debian 12 (bookworm) or a derivative, Python 3.10-3.12 as `python3` (override with PYTHON=...),
 # run as root or with passwordless sudo for apt. Idempotent: a rerun on a set-up machine checks each step and
@@ -93,10 +94,10 @@ h5py_ok || die "h5py in .venv is not built with MPI (h5py.get_config().mpi is Fa
 say "h5py $h5py_version with MPI"
 
 # 5. boltz, biotite, test tools, the project --------------------------------------------------------------------
-if ! "$vpy" -c "import boltz, biotite, pytest, pytest_mpi, foldcp_hpc; from importlib.metadata import version; assert version('boltz') == '2.2.1'" 2>/dev/null \
+if ! "$vpy" -c "import boltz, biotite, matplotlib, pytest, pytest_mpi, foldcp_hpc; from importlib.metadata import version; assert version('boltz') == '2.2.1'" 2>/dev/null \
    || [ "$repo/setup.cfg" -nt "$venv/.foldcp-installed" ]; then
-  say "installing boltz 2.2.1, biotite, pytest, pytest-mpi and foldcp_hpc (editable)"
-  pip install -c "$constraints" "boltz==2.2.1" -e "$repo[test]"
+  say "installing boltz 2.2.1, biotite, matplotlib, pytest, pytest-mpi and foldcp_hpc (editable)"
+  pip install -c "$constraints" "boltz==2.2.1" -e "$repo[test,plot]"
   touch "$venv/.foldcp-installed"
 fi
 

@@ -31,10 +31,20 @@ def everywhere(grid, ok: bool) -> bool:
     return bool(grid.comm.allreduce(int(bool(ok)), op=MPI.MIN))
 
 
-def mpirun(n: int, *command: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``command`` on ``n`` local ranks through jobs/mpirun-local.sh, outside any enclosing MPI job."""
+def _clean_env(env: dict | None) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
     clean.update(env or {})
     clean["PATH"] = f"{Path(sys.executable).parent}:{clean.get('PATH', '')}"
-    return subprocess.run([str(REPO / "jobs" / "mpirun-local.sh"), "-n", str(n), *command], cwd=REPO, env=clean,
-                          capture_output=True, text=True, timeout=timeout)
+    return clean
+
+
+def mpirun(n: int, *command: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``command`` on ``n`` local ranks through jobs/mpirun-local.sh, outside any enclosing MPI job."""
+    return subprocess.run([str(REPO / "jobs" / "mpirun-local.sh"), "-n", str(n), *command], cwd=REPO,
+                          env=_clean_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def mpirun_popen(n: int, *command: str, env: dict | None = None) -> subprocess.Popen:
+    """:func:`mpirun` started in the background, stdout and stderr merged into ``stdout`` (text lines)."""
+    return subprocess.Popen([str(REPO / "jobs" / "mpirun-local.sh"), "-n", str(n), *command], cwd=REPO,
+                            env=_clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

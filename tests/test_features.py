@@ -58,6 +58,14 @@ INPUTS = {
               token2: [C, 2]
               max_distance: 8.0
     """,
+    "tiny_peptide": """
+        version: 1
+        sequences:
+          - protein:
+              id: A
+              sequence: MKTAYIAK
+              msa: empty
+    """,
     "cyclic_peptide_ions_smiles": """
         version: 1
         sequences:

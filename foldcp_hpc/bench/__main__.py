@@ -11,6 +11,9 @@ and both as ratios against p = 1 and against boltz.
 synthetic single-protein input of N residues with a generated MSA, Boltz-2 widths, and the same for boltz's
 modules in the one-rank run; peak memory counts everything the call allocates (the features and weights,
 made before it, excluded).
+
+``h5write`` runs under the launcher itself (``mpirun -n 4 python -m foldcp_hpc.bench h5write --n 2048 --c 128``)
+and prints the write throughput of the pair tiles to HDF5, one parallel file and the per-rank fallback.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", help="also write the rows to this file")
         else:
             sub.add_argument("--out", required=True)
+    from .h5write import add_arguments as add_h5write_arguments
+
+    add_h5write_arguments(commands.add_parser("h5write", help="pair-tile write throughput to HDF5 (run under mpirun)"))
     return parser
 
 
@@ -82,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
         run_sampler_worker(args)
         return 0
+    if args.command == "h5write":
+        from .h5write import run as run_h5write
+
+        return run_h5write(args)
     return _drive(args)
 
 

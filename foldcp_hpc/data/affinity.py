@@ -45,10 +45,16 @@ def affinity_tokenized(parsed: Any, msas: dict, coords: np.ndarray) -> Any:
     return AffinityCropper().crop(tokenized, max_tokens=AFFINITY_MAX_TOKENS, max_atoms=AFFINITY_MAX_ATOMS)
 
 
-def affinity_features(parsed: Any, msas: dict, coords: np.ndarray) -> tuple[Features, Any]:
-    """Features of the affinity pass (see the module docstring) and the cropped tokenized input."""
+def affinity_features(parsed: Any, msas: dict, coords: np.ndarray, seed: int | None = None
+                      ) -> tuple[Features, Any]:
+    """Features of the affinity pass (see the module docstring) and the cropped tokenized input; ``seed`` seeds
+    torch's generator first (the reference conformers' augmentation draws from it)."""
     tokenized = affinity_tokenized(parsed, msas, coords)
     options = parsed.target.record.inference_options
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
     features = featurize(tokenized, parsed.molecules, np.random.default_rng(42),
                          options.pocket_constraints if options else None,
                          options.contact_constraints if options else None,

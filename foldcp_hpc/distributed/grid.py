@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UniformError
+from .launch_check import check_world_size
 from .layout import TileLayout
 from .transport import Transport, resolve_transport
 
@@ -174,9 +175,14 @@ class ProcessGrid:
 
         Raises:
             GridError: the world size is not dp * p * p (the message carries the numbers).
+            LaunchError: the launcher started a different number of processes than MPI's world holds (ranks
+                started as separate one-rank jobs); see :mod:`.launch_check`.
         """
         from mpi4py import MPI
 
+        # Before anything else: a launch split into one-rank jobs would otherwise fold the whole input once per
+        # process, each on a 1 x 1 grid.
+        check_world_size(MPI.COMM_WORLD.Get_size())
         comm = MPI.COMM_WORLD if comm is None else comm
         dp, p = infer_grid_shape(comm.Get_size(), cp, dp)
         cart = comm.Create_cart([dp, p, p], periods=[False, True, True], reorder=False)

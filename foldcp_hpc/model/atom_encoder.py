@@ -178,8 +178,9 @@ class AtomEncoder(nn.Module):
         if self.structure_prediction:
             p = p + self._pair_term(z, to_token, own, layout, grid, s_trunk.shape[1]).to(p.dtype)
         c = c_span[:, own]
-        p = p + self.c_to_p_trans_q(c.view(batch, n_win, n_q, 1, -1))
-        p = p + self.c_to_p_trans_k(key_windows(c_span, layout).view(batch, n_win, 1, layout.keys, -1))
+        width = c.shape[-1]  # explicit sizes: a rank with no window has zero-size tensors
+        p = p + self.c_to_p_trans_q(c.view(batch, n_win, n_q, 1, width))
+        p = p + self.c_to_p_trans_k(key_windows(c_span, layout).view(batch, n_win, 1, layout.keys, width))
         p = p + self.p_mlp(p)
         return q_span[:, own], c, p, mask_k.to(dtype)
 
@@ -192,7 +193,7 @@ class AtomEncoder(nn.Module):
         projection are per entry, so they run after the read, on K entries instead of a tile.
         """
         batch = to_token.shape[0]
-        tq = to_token[:, own].reshape(batch, -1, layout.queries)  # [B, w, Q]
+        tq = to_token[:, own].reshape(batch, (own.stop - own.start) // layout.queries, layout.queries)  # [B, w, Q]
         tk = key_windows(to_token, layout)  # [B, w, K]
         if batch != 1:
             raise ValueError(f"the diffusion conditioning takes one input at a time, got a batch of {batch}")

@@ -38,6 +38,8 @@ def key_windows(extended: Tensor, layout: "AtomWindowLayout", dim: int = 1) -> T
     """
     if dim != 1:
         raise ValueError(f"key_windows expects atoms along dim 1, got dim {dim}")
+    if extended.shape[1] < layout.keys:  # a rank with no window (fewer windows than ranks): only its halos
+        return extended.new_empty((extended.shape[0], 0, layout.keys, *extended.shape[2:]))
     windows = extended.unfold(1, layout.keys, layout.queries)  # [B, w, *C, K]
     return windows.movedim(-1, 2)  # [B,w,*C,K] -> [B,w,K,*C]
 
@@ -106,8 +108,9 @@ class WindowAttention(nn.Module):
         batch, n_win, n_q, _ = s.shape
         heads, width = self.num_heads, self.head_dim
         q = self.proj_q(s).view(batch, n_win, n_q, heads, width)
-        k = self.proj_k(k_in).view(batch, n_win, -1, heads, width)
-        v = self.proj_v(k_in).view(batch, n_win, -1, heads, width)
+        n_k = k_in.shape[2]  # explicit sizes: a rank with no window has zero-size tensors
+        k = self.proj_k(k_in).view(batch, n_win, n_k, heads, width)
+        v = self.proj_v(k_in).view(batch, n_win, n_k, heads, width)
         g = torch.sigmoid(self.proj_g(s))
         # logits and softmax in at least float32, as Boltz does under autocast
         logits = torch.einsum("bwqhd,bwkhd->bwhqk", at_least_f32(q), at_least_f32(k)) / (width ** 0.5)

@@ -10,7 +10,7 @@ Boltz-2 predicts b-factors but writes none of them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -21,13 +21,13 @@ from .affinity import AffinityModule, affinity_outputs, cross_pair_mask
 from .confidence import ConfidenceModule, SampleConfidence
 from .diffusion_conditioning import DiffusionConditioning
 from .sampler import AtomDiffusion
-from .trunk import Trunk, TrunkOutput
+from .trunk import Trunk, TrunkOutput, TrunkPosition
 
 if TYPE_CHECKING:
     from ..data.features import Features
     from ..distributed.grid import ProcessGrid
 
-__all__ = ["FoldModel", "Prediction", "UNUSED_BOLTZ_PREFIXES"]
+__all__ = ["FoldModel", "Prediction", "ResumePoint", "PredictHooks", "UNUSED_BOLTZ_PREFIXES"]
 
 UNUSED_BOLTZ_PREFIXES = ("bfactor_module.",)
 
@@ -49,6 +49,31 @@ class Prediction:
     pae: Optional[Tensor] = None
     pde: Optional[Tensor] = None
     affinity: Optional[dict[str, Tensor]] = None
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed :meth:`FoldModel.predict` starts (a checkpoint's content).
+
+    stage "trunk": inside the trunk at ``position``; stage "sampling": the trunk is done (``position`` holds its
+    final s and z) and the sampler has done ``sampling_step`` steps, leaving ``coords`` [S, M, 3] (replicated) and
+    the generator in ``generator_state``.
+    """
+
+    stage: str
+    position: TrunkPosition
+    sampling_step: int = 0
+    coords: Optional[Tensor] = None
+    generator_state: Optional[Tensor] = None
+
+
+class PredictHooks(Protocol):
+    """What :meth:`FoldModel.predict` tells at the points where it can be resumed (checkpoints, walltime signals)."""
+
+    def after_block(self, position: TrunkPosition) -> None: ...
+
+    def after_step(self, step: int, steps: int, coords: Tensor, trunk: TrunkOutput,
+                   generator: torch.Generator) -> None: ...
 
 
 class FoldModel(nn.Module):
@@ -108,10 +133,13 @@ class FoldModel(nn.Module):
     def predict(self, features: "Features", *, recycling_steps: int, sampling_steps: int, diffusion_samples: int,
                 max_parallel_samples: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
                 gather_pae: bool = False, gather_pde: bool = False,
-                progress: Optional[Callable[[str, int, int], None]] = None) -> Prediction:
+                progress: Optional[Callable[[str, int, int], None]] = None, hooks: Optional[PredictHooks] = None,
+                resume: Optional[ResumePoint] = None) -> Prediction:
         """Fold one input: features in, coordinates and confidence out (see :class:`Prediction`).
 
-        generator: seeded alike on every rank; progress(stage, done, total) is called as stages advance.
+        generator: seeded alike on every rank; progress(stage, done, total) is called as stages advance;
+        hooks: told after every Pairformer block and sampler step; resume: start from a checkpoint's point (the
+        result equals the uninterrupted run's).
         """
         if self.steering:
             raise ValueError(f"inference-time steering ({', '.join(self.steering)}) is not implemented; "
@@ -125,15 +153,37 @@ class FoldModel(nn.Module):
         msa = {k: v.to(device) for k, v in features.msa_model_block(grid.p, grid.row, grid.col).items()}
         n_tokens = features.n_tokens
 
-        report("trunk", 0, 1)
-        trunk = self.trunk(token, atom, pair, template, msa, features.msa.n_rows, recycling_steps=recycling_steps)
-        report("trunk", 1, 1)
+        blocks = self.trunk.pairformer_module.num_blocks
+        total_blocks = (recycling_steps + 1) * blocks
+
+        def after_block(position: TrunkPosition) -> None:
+            report("trunk", position.recycle * blocks + position.blocks, total_blocks)
+            if hooks is not None:
+                hooks.after_block(position)
+
+        if resume is None or resume.stage == "trunk":
+            start = None if resume is None else resume.position
+            report("trunk", 0 if start is None else start.recycle * blocks + start.blocks, total_blocks)
+            trunk = self.trunk(token, atom, pair, template, msa, features.msa.n_rows, recycling_steps=recycling_steps,
+                               start=start, on_block=after_block)
+        else:
+            trunk = self.trunk.output(self.trunk.input_embedder(token, atom), resume.position.s, resume.position.z)
         rel = self.trunk.pair_init.relative_positions(token, n_tokens)
         conditioning = self.diffusion_conditioning(trunk.s, trunk.z, rel, token, atom)
+
+        def after_step(step: int, steps: int, coords: Tensor) -> None:
+            report("sampling", step, steps)
+            if hooks is not None:
+                hooks.after_step(step, steps, coords, trunk, generator)
+
+        start_step, start_coords = 0, None
+        if resume is not None and resume.stage == "sampling":
+            generator.set_state(resume.generator_state)
+            start_step, start_coords = resume.sampling_step, resume.coords
         coords = self.structure_module.sample(
             trunk.s_inputs, trunk.s, token, atom, conditioning, generator, num_sampling_steps=sampling_steps,
-            multiplicity=diffusion_samples, max_parallel_samples=max_parallel_samples,
-            on_step=lambda step, total: report("sampling", step, total))
+            multiplicity=diffusion_samples, max_parallel_samples=max_parallel_samples, on_step=after_step,
+            start_step=start_step, start_coords=start_coords)
         del conditioning
         confidences, pae, pde = [], [], []
         if self.confidence_prediction:

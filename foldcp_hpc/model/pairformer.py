@@ -7,7 +7,7 @@ Boltz's, so ``load_state_dict(boltz_module.state_dict())`` works strictly.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -135,15 +135,23 @@ class PairformerModule(nn.Module):
             for _ in range(num_blocks)
         )
 
-    def forward(self, s: Tensor, z: Tensor, mask: Tensor, pair_mask: Tensor,
-                use_kernels: bool = False) -> tuple[Tensor, Tensor]:
-        """s: [B, N, C_s] replicated; z: [B, N_i, N_j, C_z] pair tile; mask: [B, N]; pair_mask: [B, N_i, N_j] tile."""
+    def forward(self, s: Tensor, z: Tensor, mask: Tensor, pair_mask: Tensor, use_kernels: bool = False,
+                start_block: int = 0, on_block: Optional[Callable[[int, Tensor, Tensor], None]] = None
+                ) -> tuple[Tensor, Tensor]:
+        """s: [B, N, C_s] replicated; z: [B, N_i, N_j, C_z] pair tile; mask: [B, N]; pair_mask: [B, N_i, N_j] tile.
+
+        start_block: the blocks before it are taken as done (s, z are their output: a resumed run);
+        on_block(done, s, z): called after each block with the number of blocks done (checkpoints, signals).
+        """
         chunk = tri_attn_chunk_size(mask.shape[1], self.training)
-        for layer in self.layers:
+        for index in range(start_block, self.num_blocks):
+            layer = self.layers[index]
             if self.activation_checkpointing and self.training:
                 s, z = torch.utils.checkpoint.checkpoint(layer, s, z, mask, pair_mask, chunk, use_reentrant=False)
             else:
                 s, z = layer(s, z, mask, pair_mask, chunk)
+            if on_block is not None:
+                on_block(index + 1, s, z)
         return s, z
 
 

@@ -125,11 +125,13 @@ class AtomDiffusion(nn.Module):
     def sample(self, s_inputs: Tensor, s_trunk: Tensor, token: dict[str, Tensor], atom: dict[str, Tensor],
                conditioning: "Conditioning", generator: torch.Generator, num_sampling_steps: Optional[int] = None,
                multiplicity: int = 1, max_parallel_samples: Optional[int] = None,
-               on_step: Optional[Callable[[int, int], None]] = None) -> Tensor:
+               on_step: Optional[Callable[[int, int, Tensor], None]] = None, start_step: int = 0,
+               start_coords: Optional[Tensor] = None) -> Tensor:
         """Sampled coordinates [multiplicity, M, 3], replicated on every rank of the grid.
 
-        generator: every rank's must be seeded alike (same seed, same device type); ``on_step(step, steps)`` is
-        called after each step (progress reports).
+        generator: every rank's must be seeded alike (same seed, same device type); ``on_step(step, steps,
+        coords)`` is called after each step (progress, checkpoints). A resumed run passes the checkpoint's
+        ``start_step`` (steps done), ``start_coords`` [multiplicity, M, 3] and a generator in the state saved there.
         """
         steps = self.num_sampling_steps if num_sampling_steps is None else num_sampling_steps
         max_parallel_samples = multiplicity if max_parallel_samples is None else max_parallel_samples
@@ -138,8 +140,13 @@ class AtomDiffusion(nn.Module):
         shape = (*atom_mask.shape, 3)
         sigmas = self.sample_schedule(steps)
         gammas = torch.where(sigmas > self.gamma_min, self.gamma_0, 0.0)  # torch's default dtype, as in Boltz
-        coords = sigmas[0] * torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        if start_coords is None:
+            coords = sigmas[0] * torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        else:
+            coords = start_coords.to(dtype=dtype, device=device)
         for step, (sigma_tm, sigma_t, gamma) in enumerate(zip(sigmas[:-1], sigmas[1:], gammas[1:])):
+            if step < start_step:
+                continue
             rotation = random_rotations(multiplicity, generator, dtype, device)
             translation = torch.randn((multiplicity, 1, 3), dtype=dtype, device=device, generator=generator)
             coords = coords - coords.mean(dim=-2, keepdim=True)
@@ -156,5 +163,5 @@ class AtomDiffusion(nn.Module):
                 noisy = weighted_rigid_align(noisy, denoised, atom_mask.to(dtype), atom_mask.to(dtype)).to(denoised)
             coords = noisy + self.step_scale * (sigma_t - t_hat) * ((noisy - denoised) / t_hat)
             if on_step is not None:
-                on_step(step + 1, steps)
+                on_step(step + 1, steps, coords)
         return coords

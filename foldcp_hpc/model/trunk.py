@@ -14,7 +14,7 @@ initialisation's parameters sit at Boltz-2's top level).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,17 @@ class TrunkOutput(NamedTuple):
     s: Tensor
     z: Tensor
     distogram: Tensor
+
+
+class TrunkPosition(NamedTuple):
+    """A point of the trunk's loop: ``blocks`` Pairformer blocks of recycle ``recycle`` done (0 <= recycle <=
+    recycling_steps, 1 <= blocks <= num_blocks); s: [B, N, C_s] replicated, z: [B, n, n, C_z] tile, the state there.
+    A run resumed from it continues with block ``blocks`` of that recycle."""
+
+    recycle: int
+    blocks: int
+    s: Tensor
+    z: Tensor
 
 
 class Trunk(nn.Module):
@@ -80,11 +91,15 @@ class Trunk(nn.Module):
 
     def forward(self, token: dict[str, Tensor], atom: dict[str, Tensor], pair: dict[str, Tensor],
                 template: dict[str, Tensor], msa: dict[str, Tensor], n_msa_rows: int,
-                recycling_steps: int = 0) -> TrunkOutput:
+                recycling_steps: int = 0, start: Optional[TrunkPosition] = None,
+                on_block: Optional[Callable[[TrunkPosition], None]] = None) -> TrunkOutput:
         """token: 1-D token features [B, N, ...] replicated (incl. ``token_pad_mask``, ``profile``);
         atom: 1-D atom features [B, M, ...] replicated, index form; pair: this rank's pair-feature tile
         [B, n, n]; template: template features [T, N, ...]; msa: this rank's MSA block [B, S_c, N_r] (msa,
         has_deletion, deletion_value, msa_paired, msa_mask).
+
+        start: resume from this position (a checkpoint's) instead of the beginning; on_block: called with the
+        position after every Pairformer block (checkpoints and walltime signals).
         """
         grid = self.grid
         s_inputs = self.input_embedder(token, atom)
@@ -95,14 +110,25 @@ class Trunk(nn.Module):
         pair_mask = (padded[:, layout.block(grid.row), None] * padded[:, None, layout.block(grid.col)])
 
         s_init = self.s_init(s_inputs)
-        z_init, _ = self.pair_init(s_inputs, token, pair)
+        z_init = self.pair_init(s_inputs, token, pair)[0]  # the relative-position tile is not kept
         s = torch.zeros_like(s_init)
         z = torch.zeros_like(z_init)
-        for _ in range(recycling_steps + 1):
-            s = s_init + self.s_recycle(self.s_norm(s))
-            z = z_init + self.z_recycle(self.z_norm(z))
-            if self.use_templates:
-                z = z + self.template_module(z, template, pair_mask, n_tokens=n_tokens)
-            z = z + self.msa_module(z, s_inputs, msa, pair_mask, n_rows=n_msa_rows)
-            s, z = self.pairformer_module(s, z, mask=mask, pair_mask=pair_mask)
+        first = 0 if start is None else start.recycle
+        for recycle in range(first, recycling_steps + 1):
+            if start is not None and recycle == start.recycle:
+                s, z, begin = start.s, start.z, start.blocks
+            else:
+                s = s_init + self.s_recycle(self.s_norm(s))
+                z = z_init + self.z_recycle(self.z_norm(z))
+                if self.use_templates:
+                    z = z + self.template_module(z, template, pair_mask, n_tokens=n_tokens)
+                z = z + self.msa_module(z, s_inputs, msa, pair_mask, n_rows=n_msa_rows)
+                begin = 0
+            hook = None if on_block is None else (
+                lambda done, s_, z_, recycle=recycle: on_block(TrunkPosition(recycle, done, s_, z_)))
+            s, z = self.pairformer_module(s, z, mask=mask, pair_mask=pair_mask, start_block=begin, on_block=hook)
+        return self.output(s_inputs, s, z)
+
+    def output(self, s_inputs: Tensor, s: Tensor, z: Tensor) -> TrunkOutput:
+        """The trunk's output from its final s and z (the distogram head applied)."""
         return TrunkOutput(s_inputs, s, z, self.distogram_module(z))

@@ -1,0 +1,156 @@
+"""Checkpoints, walltime signals and resume, end to end under mpirun (crambin + SAH, boltz2-small, random weights).
+
+* SIGTERM to every rank mid-trunk: exit code 75 after a checkpoint; the newest checkpoint truncated on purpose is
+  passed over for the one before; the resumed run's files equal an uninterrupted run's byte for byte (CPU, same
+  2 x 2 grid).
+* SIGUSR1 mid-sampling on a 3 x 3 grid, resumed on 2 x 2: the same structures within float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, mpirun, mpirun_popen
+
+FOLDCP = str(REPO / ".venv" / "bin" / "foldcp-hpc")
+EXIT_PREEMPTED = 75
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    (folder / "in.yaml").write_text(textwrap.dedent("""
+        version: 1
+        sequences:
+          - protein:
+              id: A
+              sequence: TTCCPSIVARSNFNVCRLPGTPEAICATYTGCIIIPGATCPGDYAN
+              msa: empty
+          - ligand:
+              id: B
+              ccd: SAH
+    """))
+    (folder / "job.toml").write_text(textwrap.dedent("""
+        [runtime]
+        self_check = false
+        [input]
+        path = "in.yaml"
+        [model]
+        checkpoint = "random"
+        architecture = "boltz2-small"
+        [sampling]
+        recycling_steps = 3
+        sampling_steps = 12
+        diffusion_samples = 2
+        max_parallel_samples = 2
+        [checkpoint]
+        every_blocks = 1
+        every_steps = 4
+    """))
+    return folder / "job.toml"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(job, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    done = mpirun(4, FOLDCP, "run", str(job), f"output.dir={out}", timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out / "predictions" / "in"
+
+
+def run_until(ranks: int, job, out, marker: str, signum: int) -> tuple[int, str]:
+    """Start the job, send ``signum`` to every rank once ``marker`` is printed; returns (exit code, log)."""
+    process = mpirun_popen(ranks, FOLDCP, "run", str(job), f"output.dir={out}")
+    lines = []
+    deadline = time.monotonic() + 600
+    for line in process.stdout:
+        lines.append(line)
+        if marker in line:
+            # the ranks (not mpirun): what Slurm signals at the walltime
+            subprocess.run(["pkill", f"-{signal.Signals(signum).name[3:]}", "-f", f"bin/python .*foldcp-hpc run .*{out}"])
+            break
+        assert time.monotonic() < deadline, "".join(lines[-20:])
+    rest, _ = process.communicate(timeout=300)
+    return process.returncode, "".join(lines) + rest
+
+
+def test_sigterm_mid_trunk_then_resume_is_bitwise(job, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    code, log = run_until(4, job, out, "checkpoint trunk after block 1 of recycle 1", signal.SIGTERM)
+    assert code == EXIT_PREEMPTED, log[-3000:]
+    assert "stopped on a signal" in log and "exiting with code 75" in log
+    folder = out / "checkpoints" / "in"
+    checkpoints = sorted(folder.glob("ckpt-*.h5"))
+    assert len(checkpoints) == 2, checkpoints  # keep = 2
+    newest, previous = checkpoints[-1], checkpoints[-2]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut short, as a kill mid-write would
+    done = mpirun(4, FOLDCP, "run", str(job), f"output.dir={out}", "--resume", timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resuming from {previous}" in done.stdout
+    produced = out / "predictions" / "in"
+    names = sorted(p.name for p in uninterrupted.iterdir())
+    assert names == sorted(p.name for p in produced.iterdir()) and len(names) == 6
+    for name in names:
+        assert (produced / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+
+
+def test_sigusr1_mid_sampling_on_3x3_resumes_on_2x2(job, uninterrupted, tmp_path):
+    from biotite.structure.io.pdbx import CIFFile, get_structure
+
+    out = tmp_path / "out"
+    code, log = run_until(9, job, out, "checkpoint sampling after sampler step 4", signal.SIGUSR1)
+    assert code == EXIT_PREEMPTED, log[-3000:]
+    done = mpirun(4, FOLDCP, "run", str(job), f"output.dir={out}", f"--resume={out / 'checkpoints' / 'in'}",
+                  timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(sampling stage)" in done.stdout
+    produced = out / "predictions" / "in"
+    for k in range(2):
+        ours = get_structure(CIFFile.read(str(produced / f"in_model_{k}.cif")), model=1).coord
+        reference = get_structure(CIFFile.read(str(uninterrupted / f"in_model_{k}.cif")), model=1).coord
+        assert np.abs(ours - reference).max() <= 1e-2 * np.abs(reference).max()
+        ours_plddt = np.load(produced / f"plddt_in_model_{k}.npz")["plddt"]
+        reference_plddt = np.load(uninterrupted / f"plddt_in_model_{k}.npz")["plddt"]
+        np.testing.assert_allclose(ours_plddt, reference_plddt, atol=1e-3)
+        scores = [json.loads((folder / f"confidence_in_model_{k}.json").read_text())["confidence_score"]
+                  for folder in (produced, uninterrupted)]
+        assert abs(scores[0] - scores[1]) <= 1e-3
+
+
+def test_resume_refuses_another_jobs_checkpoint(job, tmp_path):
+    out = tmp_path / "out"
+    code, log = run_until(4, job, out, "checkpoint trunk after block 1 of recycle 0", signal.SIGTERM)
+    assert code == EXIT_PREEMPTED, log[-3000:]
+    done = mpirun(4, FOLDCP, "run", str(job), f"output.dir={out}", "runtime.seed=7", "--resume", timeout=300)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("foldcp-hpc:")]
+    assert done.returncode not in (0, EXIT_PREEMPTED) and len(lines) == 1 and "written by another job" in lines[0]
+
+
+def test_saved_intermediates_read_back(job, tmp_path):
+    """``[output] save`` streams tiles into intermediates_<name>.h5; the PAE there is the PAE the npz files hold."""
+    import h5py
+
+    out = tmp_path / "out"
+    done = mpirun(4, FOLDCP, "run", str(job), f"output.dir={out}", "sampling.sampling_steps=2",
+                  "sampling.recycling_steps=0", "output.write_full_pae=true", "checkpoint.enabled=false",
+                  'output.save=["s_inputs", "trunk_s", "trunk_z", "distogram", "pae", "pde", "plddt"]', timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with h5py.File(out / "intermediates_in.h5", "r") as h5:
+        assert h5.attrs["complete"] and h5.attrs["stage"] == "prediction"
+        assert h5["/trunk/z"].shape == (72, 72, 128) and h5["/trunk/s"].shape == (72, 384)
+        assert h5["/distogram"].shape == (72, 72, 64) and h5["/confidence/pde"].shape == (2, 72, 72)
+        assert np.isfinite(h5["/trunk/z"][()]).all() and np.abs(h5["/trunk/z"][()]).max() > 0
+        pae = h5["/confidence/pae"][()]
+        plddt = h5["/confidence/plddt"][()]
+    written = sorted(np.load(p)["pae"].tobytes() for p in (out / "predictions" / "in").glob("pae_*.npz"))
+    assert written == sorted(pae[k].astype(np.float32).tobytes() for k in range(2))
+    written = sorted(np.load(p)["plddt"].tobytes() for p in (out / "predictions" / "in").glob("plddt_*.npz"))
+    assert written == sorted(plddt[k].astype(np.float32).tobytes() for k in range(2))
+    assert not (out / "checkpoints").exists()
