@@ -73,6 +73,7 @@ def run_job(job_path: str, overrides: list[str], resume: str | None = None) -> i
     world = MPI.COMM_WORLD
     stop = StopSignal().install()  # from the start: a signal during set-up stops the run at its first block
     progress = Progress(world.Get_rank() == 0)
+    progress("features", 0, 1)
     package, parsed, msas = None, None, None
     if world.Get_rank() == 0:
         progress.say(f"job {job.source}: reading {job.resolve(job.input.path)}")
@@ -81,6 +82,9 @@ def run_job(job_path: str, overrides: list[str], resume: str | None = None) -> i
                                                       seed=job.runtime.seed)
         resume_path = _find_resume(job, resume, summary["name"]) if resume is not None else None
         package = (features, summary, _wants_affinity(job, parsed), _identity(job), resume_path)
+        if resume is not None and resume_path is None:
+            progress.say(f"--resume: no complete checkpoint in {_checkpoint_dir(job, summary['name'])}; starting "
+                         "from the beginning")
         for line in _not_applied(job, parsed):
             progress.say(f"note: {line}")
     features, summary, affinity_pass, identity, resume_path = world.bcast(package, root=0)
@@ -100,6 +104,7 @@ def _fold(job: "JobConfig", features, summary: dict, parsed, msas, affinity_pass
     dtype = {"float32": torch.float32, "float64": torch.float64}[job.model.dtype]
     with ProcessGrid.create(job.grid.cp, job.grid.dp, backend=job.runtime.backend,
                             timeout_s=job.runtime.timeout_s) as grid:
+        progress.device = grid.device
         progress.say(f"input {summary['name']}: {summary['tokens']} tokens, {summary['atoms']} atoms, "
                      f"{summary['chains']} chains, MSA of {summary['msa_rows']} rows; {grid.dp} x {grid.p}x{grid.p} "
                      f"grid of {grid.world_size} ranks, transport {grid.transport.name}, {job.model.dtype}")
@@ -149,7 +154,27 @@ def _fold(job: "JobConfig", features, summary: dict, parsed, msas, affinity_pass
         del prediction
         if affinity_pass:
             _affinity(job, grid, parsed, msas, top_coords, dtype, progress)
+        _report(job, grid, summary["name"], progress)
     return 0
+
+
+def _report(job: "JobConfig", grid, name: str, progress: Progress) -> None:
+    """The per-stage time and memory table (min / median / max over ranks) in the log and as JSON."""
+    import json
+
+    from .progress import format_report, stage_report
+
+    report = stage_report(progress, grid.comm)
+    if report is None:
+        return
+    report.update({"input": name, "grid": {"dp": grid.dp, "p": grid.p}, "transport": grid.transport.name,
+                   "dtype": job.model.dtype, "total_seconds": round(progress.elapsed(), 3)})
+    path = job.resolve(job.output.dir) / f"run_report_{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    for line in format_report(report):
+        progress.say(line)
+    progress.say(f"wrote {path}")
 
 
 def _identity(job: "JobConfig") -> str:
@@ -175,10 +200,17 @@ def _checkpoint_dir(job: "JobConfig", name: str) -> Path:
     return job.resolve(job.output.dir) / "checkpoints" / name
 
 
-def _find_resume(job: "JobConfig", resume: str, name: str) -> Path:
-    from .io.checkpoint import find_checkpoint
+def _find_resume(job: "JobConfig", resume: str, name: str) -> Path | None:
+    """The checkpoint ``--resume`` names (it must exist), or, with ``--resume`` alone, the newest complete one of
+    the job's checkpoint folder if there is one (None: start from the beginning, as a batch job's first start)."""
+    from .io.checkpoint import CheckpointError, find_checkpoint
 
-    return find_checkpoint(Path(resume).expanduser() if resume else _checkpoint_dir(job, name))
+    if resume:
+        return find_checkpoint(Path(resume).expanduser())
+    try:
+        return find_checkpoint(_checkpoint_dir(job, name))
+    except CheckpointError:
+        return None
 
 
 def _checkpointer(job: "JobConfig", grid, summary: dict, identity: str, model, stop, progress: Progress):
@@ -198,6 +230,7 @@ def _model(job: "JobConfig", grid, checkpoint: str, hparams: dict | None, dtype,
     from .model.boltz2 import FoldModel
 
     source = checkpoint if checkpoint == "random" else job.resolve(checkpoint)
+    progress("weights", 0, 1)
     weights = load_weights(grid, source, hparams, seed=job.runtime.seed)
     progress.say(f"weights: {weights.source}" + (" (UNTRAINED: outputs are not predictions)"
                                                  if weights.untrained else ""))

@@ -27,7 +27,7 @@ tally() {  # add the counts of pytest's closing line in $1 to the totals
 }
 
 echo "== serial tests"
-"$py" -m pytest --color=no -q -m "not mpi" "$@" tests 2>&1 | tee "$logs/serial.log"
+"$py" -m pytest --color=no -q --durations=12 -m "not mpi" "$@" tests 2>&1 | tee "$logs/serial.log"
 rc=${PIPESTATUS[0]}
 tally "$logs/serial.log"
 [ "$rc" = 0 ] || status=1

@@ -25,9 +25,12 @@ SHORT_PROTEIN = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
 
 
 def affinity_input(tmp_path, mol_dir, sequence: str) -> ParsedInput:  # noqa: F811
-    import rdkit.Chem.Descriptors  # noqa: F401 - boltz's parser reads AllChem.Descriptors for the ligand's MolWt
     from boltz.data.mol import load_canonicals, load_molecules
     from boltz.data.parse.yaml import parse_yaml
+
+    from foldcp_hpc.data.inputs import expose_descriptors
+
+    expose_descriptors()  # boltz's parser reads AllChem.Descriptors for the ligand's molecular weight
 
     path = tmp_path / "affinity.yaml"
     path.write_text(textwrap.dedent(f"""

@@ -42,6 +42,11 @@ def test_demo_job_writes_boltz_outputs(tmp_path):
 
         structure = gemmi.read_structure(str(folder / f"demo_model_{k}.cif"))
         assert sum(1 for _ in structure[0].all()) == 352
+    report = json.loads((tmp_path / "run_report_demo.json").read_text())
+    stages = [row["stage"] for row in report["stages"]]
+    assert report["ranks"] == 4 and {"trunk", "sampling", "confidence", "affinity trunk"} <= set(stages), stages
+    assert all(0 < row["peak_mib_min"] <= row["peak_mib_median"] <= row["peak_mib_max"] for row in report["stages"])
+    assert "peak MiB min" in done.stdout  # the table in the log
     affinity = json.loads((folder / "affinity_demo.json").read_text())
     assert [key for key in affinity if key != "untrained_weights"] == AFFINITY_KEYS
     assert affinity["untrained_weights"] is True

@@ -77,7 +77,8 @@ def test_slurm_requeues_on_the_checkpoint_status(tmp_path):
     status, out = run_sbatch(env, "jobs/demo.toml", "grid.dp=2")
     calls = log.read_text().splitlines()
     assert status == 0, out
-    assert calls[0] == "srun --mpi=pmix --kill-on-bad-exit=1 /opt/venv/bin/foldcp-hpc run jobs/demo.toml grid.dp=2"
+    assert calls[0] == ("srun --mpi=pmix --kill-on-bad-exit=1 /opt/venv/bin/foldcp-hpc run jobs/demo.toml --resume "
+                        "grid.dp=2")
     assert calls[1] == "scontrol requeue 4242"
 
 
@@ -86,11 +87,12 @@ def test_slurm_passes_other_statuses_through_without_requeue(tmp_path):
     status, out = run_sbatch(env)
     assert status == 3, out
     assert log.read_text().splitlines() == [
-        "srun --mpi=pmix --kill-on-bad-exit=1 /opt/venv/bin/foldcp-hpc run jobs/large_assembly.toml"]
+        "srun --mpi=pmix --kill-on-bad-exit=1 /opt/venv/bin/foldcp-hpc run jobs/large_assembly.toml --resume"]
 
 
 def test_slurm_usr1_without_checkpointing_only_logs(tmp_path):
     env, log = fake_slurm(tmp_path, status=0, seconds=1.5)
+    env["FOLDCP_RESUME_ARGS"] = ""
     status, out = run_sbatch(env, "jobs/demo.toml", usr1_log=log)
     assert status == 0, out
     assert "checkpointing is off" in out

@@ -12,6 +12,9 @@ synthetic single-protein input of N residues with a generated MSA, Boltz-2 width
 modules in the one-rank run; peak memory counts everything the call allocates (the features and weights,
 made before it, excluded).
 
+``fold`` runs the whole model end to end under the launcher itself (random weights of the released architecture,
+features from a pickle, checkpoints and resume) and prints the time and per-rank peak memory of each stage.
+
 ``h5write`` runs under the launcher itself (``mpirun -n 4 python -m foldcp_hpc.bench h5write --n 2048 --c 128``)
 and prints the write throughput of the pair tiles to HDF5, one parallel file and the per-rank fallback.
 """
@@ -68,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     from .h5write import add_arguments as add_h5write_arguments
 
     add_h5write_arguments(commands.add_parser("h5write", help="pair-tile write throughput to HDF5 (run under mpirun)"))
+    from .fold import add_arguments as add_fold_arguments
+
+    add_fold_arguments(commands.add_parser("fold", help="the whole model end to end, stage times and memory "
+                                                        "(run under mpirun)"))
     return parser
 
 
@@ -92,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         from .h5write import run as run_h5write
 
         return run_h5write(args)
+    if args.command == "fold":
+        from .fold import run as run_fold
+
+        return run_fold(args)
     return _drive(args)
 
 

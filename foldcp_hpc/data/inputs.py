@@ -216,9 +216,17 @@ def known_ccd_codes() -> frozenset[str]:
     return frozenset(all_residues())
 
 
+def expose_descriptors() -> None:
+    """boltz's schema parser reads ``AllChem.Descriptors.MolWt`` for an affinity ligand; ``AllChem`` has that name
+    only when ``rdkit.Chem.Descriptors`` was imported before it, which depends on import order. Bind it."""
+    from rdkit.Chem import AllChem, Descriptors
+
+    if not hasattr(AllChem, "Descriptors"):
+        AllChem.Descriptors = Descriptors
+
+
 def parse_input(path: str | Path, cache_dir: str | Path) -> ParsedInput:
     """Check and parse an input with boltz's parser, building the CCD molecules it needs into ``cache_dir``."""
-    import rdkit.Chem.Descriptors  # noqa: F401 - boltz's schema reads AllChem.Descriptors (affinity ligand MolWt)
     from boltz.data.mol import load_canonicals, load_molecules
     from boltz.data.parse.schema import parse_boltz_schema
 
@@ -236,6 +244,7 @@ def parse_input(path: str | Path, cache_dir: str | Path) -> ParsedInput:
     except CCDError as exc:
         raise InputError(f"{path}: {exc}") from None
     canonicals = load_canonicals(str(cache_dir))
+    expose_descriptors()
     try:
         target = parse_boltz_schema(path.stem, data, canonicals, cache_dir, True)
     except Exception as exc:  # noqa: BLE001 - boltz raises KeyError/ValueError/... from deep inside its schema code

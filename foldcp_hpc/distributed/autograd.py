@@ -379,9 +379,10 @@ def _entry_plan(grid: "ProcessGrid", n_global: int, rows: torch.Tensor, cols: to
     layout = TileLayout(n_global, grid.p)
     owner = (rows // layout.n_local) * grid.p + (cols // layout.n_local)  # grid position (r * p + c)
     order = torch.argsort(owner, stable=True)
-    counts = torch.bincount(owner, minlength=group.size)
-    wanted = counts.to("cpu", torch.long)
-    incoming = raw.all_gather(wanted.unsqueeze(0), grid, "grid", dim=0)[:, group.index] if group.size > 1 else wanted
+    counts = torch.bincount(owner, minlength=group.size).long().to(grid.device)  # NCCL gathers device tensors
+    wanted = counts.cpu()
+    incoming = raw.all_gather(counts.unsqueeze(0), grid, "grid", dim=0)[:, group.index].cpu() if group.size > 1 \
+        else wanted
     return layout, owner, order, wanted.tolist(), incoming.tolist()
 
 

@@ -168,8 +168,10 @@ class FoldModel(nn.Module):
                                start=start, on_block=after_block)
         else:
             trunk = self.trunk.output(self.trunk.input_embedder(token, atom), resume.position.s, resume.position.z)
+        report("conditioning", 0, 1)
         rel = self.trunk.pair_init.relative_positions(token, n_tokens)
         conditioning = self.diffusion_conditioning(trunk.s, trunk.z, rel, token, atom)
+        report("conditioning", 1, 1)
 
         def after_step(step: int, steps: int, coords: Tensor) -> None:
             report("sampling", step, steps)
@@ -180,6 +182,7 @@ class FoldModel(nn.Module):
         if resume is not None and resume.stage == "sampling":
             generator.set_state(resume.generator_state)
             start_step, start_coords = resume.sampling_step, resume.coords
+        report("sampling", start_step, sampling_steps)
         coords = self.structure_module.sample(
             trunk.s_inputs, trunk.s, token, atom, conditioning, generator, num_sampling_steps=sampling_steps,
             multiplicity=diffusion_samples, max_parallel_samples=max_parallel_samples, on_step=after_step,
@@ -187,6 +190,7 @@ class FoldModel(nn.Module):
         del conditioning
         confidences, pae, pde = [], [], []
         if self.confidence_prediction:
+            report("confidence", 0, diffusion_samples)
             base = self.confidence_module.pair_base(trunk.s_inputs, trunk.z, token, pair)
             for k in range(diffusion_samples):
                 result = self.confidence_module(trunk.s_inputs, trunk.s, trunk.z, coords[k:k + 1], token, atom, pair,
@@ -200,6 +204,7 @@ class FoldModel(nn.Module):
                 report("confidence", k + 1, diffusion_samples)
         affinity = None
         if self.affinity_prediction:
+            report("affinity", 0, 1)
             affinity = self.predict_affinity(features, token, atom, trunk, coords, confidences)
             report("affinity", 1, 1)
         return Prediction(coords=coords, trunk=trunk, confidence=confidences,
