@@ -48,7 +48,7 @@ class Progress:
         if self.enabled:
             print(f"[{self.elapsed():9.1f} s] {text}", file=self.stream, flush=True)
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, detail: str = "") -> None:
         now = time.perf_counter()
         if stage != self._current:
             self._enter(stage)
@@ -62,7 +62,7 @@ class Progress:
         self._last_print = now
         rate = (now - begun) / done
         eta = f", ETA {rate * (total - done):.0f} s" if done < total else f", {now - begun:.1f} s"
-        self.say(f"{stage}: {done}/{total}{eta}")
+        self.say(f"{stage}: {done}/{total}{f' ({detail})' if detail else ''}{eta}")
 
     # ------------------------------------------------------------------------------------------------------------
     def _on_gpu(self) -> bool:

@@ -73,10 +73,10 @@ def run_job(job_path: str, overrides: list[str], resume: str | None = None) -> i
     world = MPI.COMM_WORLD
     stop = StopSignal().install()  # from the start: a signal during set-up stops the run at its first block
     progress = Progress(world.Get_rank() == 0)
+    progress.say(f"job {job.source}: reading {job.resolve(job.input.path)}")
     progress("features", 0, 1)
     package, parsed, msas = None, None, None
     if world.Get_rank() == 0:
-        progress.say(f"job {job.source}: reading {job.resolve(job.input.path)}")
         features, summary, parsed, msas = features_of(job.resolve(job.input.path), job.resolve(job.input.ccd_cache),
                                                       job.input.max_tokens, job.input.max_msa_seqs, keep_parsed=True,
                                                       seed=job.runtime.seed)
@@ -221,7 +221,10 @@ def _checkpointer(job: "JobConfig", grid, summary: dict, identity: str, model, s
                         n_tokens=summary["tokens"], blocks=model.trunk.pairformer_module.num_blocks,
                         recycling_steps=job.sampling.recycling_steps, every_blocks=cfg.every_blocks,
                         every_steps=cfg.every_steps, keep=cfg.keep, stop=stop, say=progress.say,
-                        enabled=cfg.enabled, attrs={"input": summary["name"], "grid_p_writer": grid.p})
+                        enabled=cfg.enabled, attrs={"input": summary["name"], "grid_p_writer": grid.p,
+                                                    "job": _job_text(job), "model": job.model.checkpoint
+                                                    if job.model.checkpoint != "random"
+                                                    else f"random ({job.model.architecture})"})
 
 
 def _model(job: "JobConfig", grid, checkpoint: str, hparams: dict | None, dtype, progress: Progress):
@@ -279,7 +282,8 @@ def _affinity(job: "JobConfig", grid, parsed, msas, top_coords, dtype, progress:
                                sampling_steps=sampling.affinity_sampling_steps,
                                diffusion_samples=sampling.affinity_diffusion_samples, max_parallel_samples=1,
                                generator=generator, dtype=dtype,
-                               progress=lambda stage, done, total: progress(f"affinity {stage}", done, total))
+                               progress=lambda stage, done, total, detail="": progress(f"affinity {stage}", done,
+                                                                                       total, detail))
     if grid.rank == 0:
         values = {key: value.float().cpu() for key, value in prediction.affinity.items()}
         path = write_affinity(job.resolve(job.output.dir), parsed.target.record.id, values, untrained=untrained)

@@ -4,6 +4,7 @@
   passed over for the one before; the resumed run's files equal an uninterrupted run's byte for byte (CPU, same
   2 x 2 grid).
 * SIGUSR1 mid-sampling on a 3 x 3 grid, resumed on 2 x 2: the same structures within float rounding.
+* A checkpoint of another job (another seed) is refused; ``[output] save`` streams intermediates that read back.
 """
 
 from __future__ import annotations
@@ -100,6 +101,12 @@ def test_sigterm_mid_trunk_then_resume_is_bitwise(job, uninterrupted, tmp_path):
     for name in names:
         assert (produced / name).read_bytes() == (uninterrupted / name).read_bytes(), name
 
+    # the checkpoints left belong to this job: another seed (another job) refuses them with one line
+    refused = mpirun(4, FOLDCP, "run", str(job), f"output.dir={out}", "runtime.seed=7", "--resume", timeout=300)
+    lines = [line for line in (refused.stdout + refused.stderr).splitlines() if line.startswith("foldcp-hpc:")]
+    assert refused.returncode not in (0, EXIT_PREEMPTED) and len(lines) == 1, lines
+    assert "written by another job" in lines[0]
+
 
 def test_sigusr1_mid_sampling_on_3x3_resumes_on_2x2(job, uninterrupted, tmp_path):
     from biotite.structure.io.pdbx import CIFFile, get_structure
@@ -122,15 +129,6 @@ def test_sigusr1_mid_sampling_on_3x3_resumes_on_2x2(job, uninterrupted, tmp_path
         scores = [json.loads((folder / f"confidence_in_model_{k}.json").read_text())["confidence_score"]
                   for folder in (produced, uninterrupted)]
         assert abs(scores[0] - scores[1]) <= 1e-3
-
-
-def test_resume_refuses_another_jobs_checkpoint(job, tmp_path):
-    out = tmp_path / "out"
-    code, log = run_until(4, job, out, "checkpoint trunk after block 1 of recycle 0", signal.SIGTERM)
-    assert code == EXIT_PREEMPTED, log[-3000:]
-    done = mpirun(4, FOLDCP, "run", str(job), f"output.dir={out}", "runtime.seed=7", "--resume", timeout=300)
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("foldcp-hpc:")]
-    assert done.returncode not in (0, EXIT_PREEMPTED) and len(lines) == 1 and "written by another job" in lines[0]
 
 
 def test_saved_intermediates_read_back(job, tmp_path):

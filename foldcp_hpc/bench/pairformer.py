@@ -14,13 +14,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 
 
 def _inputs(n_tokens: int, n_local: int, c_s: int, c_z: int, dtype, device, seed: int):
-    """Random s [1, N, C_s] (replicated), this rank's z tile [1, n, n, C_z], masks; nothing N x N is made."""
+    """Random s [1, N, C_s] (replicated), this rank's z tile [1, n, n, C_z], masks; nothing N x N is made.
+
+    bfloat16 is Boltz's mixed precision: z (the trunk's activations under autocast) is bfloat16, the single
+    track and the masks float32."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    s = torch.randn(1, n_tokens, c_s, generator=generator).to(device=device, dtype=dtype)
+    wide = torch.float32 if dtype == torch.bfloat16 else dtype
+    s = torch.randn(1, n_tokens, c_s, generator=generator).to(device=device, dtype=wide)
     z = torch.randn(1, n_local, n_local, c_z, generator=generator).to(device=device, dtype=dtype)
-    mask = torch.ones(1, n_tokens, device=device, dtype=dtype)
-    pair_mask = torch.ones(1, n_local, n_local, device=device, dtype=dtype)
+    mask = torch.ones(1, n_tokens, device=device, dtype=wide)
+    pair_mask = torch.ones(1, n_local, n_local, device=device, dtype=wide)
     return s, z, mask, pair_mask
+
+
+def _autocast(device, dtype):
+    """bfloat16 runs as Boltz runs its trunk: float32 parameters under ``torch.autocast`` to bfloat16."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -38,14 +47,16 @@ def run_worker(args: argparse.Namespace) -> None:
         layout = grid.layout(args.n)
         chunk = tri_attn_chunk_size(args.n, training=False)
         torch.manual_seed(0)
-        layer = PairformerLayer(args.c_s, args.c_z, v2=True, grid=grid).to(device=device, dtype=dtype).eval()
+        params = torch.float32 if dtype == torch.bfloat16 else dtype
+        layer = PairformerLayer(args.c_s, args.c_z, v2=True, grid=grid).to(device=device, dtype=params).eval()
         s, z, mask, pair_mask = _inputs(args.n, layout.n_local, args.c_s, args.c_z, dtype, device, seed=grid.rank)
         # the real tokens of the tile: padding rows/columns are masked as scatter_pair would leave them
-        valid = torch.ones(1, args.n, 1, device=device, dtype=dtype)
+        valid = torch.ones(1, args.n, 1, device=device, dtype=pair_mask.dtype)
         pair_mask = take_tile(valid * valid.transpose(1, 2), grid.p, grid.row, grid.col).squeeze(-1) * pair_mask
 
         def ours():
-            return layer(s, z, mask, pair_mask, chunk)
+            with _autocast(device, dtype):
+                return layer(s, z, mask, pair_mask, chunk)
 
         if args.quick:  # one run: its peak and its time (first-call overheads included), no breakdown
             grid.barrier()
@@ -85,11 +96,12 @@ def comm_breakdown(grid, fn) -> dict:
 def _boltz_row(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name) -> dict:
     from boltz.model.layers.pairformer import PairformerLayer as BoltzLayer
 
-    ref = BoltzLayer(args.c_s, args.c_z, v2=True).to(device=device, dtype=dtype).eval()
+    ref = BoltzLayer(args.c_s, args.c_z, v2=True).to(device=device, dtype=layer.pre_norm_s.weight.dtype).eval()
     ref.load_state_dict(layer.state_dict())
 
     def boltz():
-        return ref(s, z, mask, pair_mask, chunk)
+        with _autocast(device, dtype):
+            return ref(s, z, mask, pair_mask, chunk)
 
     _, peak, seconds = profile(boltz, device, args.repeats)
     return {"impl": "boltz", "ranks": 1, "grid": "-", "n": args.n, "peak_bytes": [peak], "seconds": seconds,

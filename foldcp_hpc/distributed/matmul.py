@@ -27,6 +27,11 @@ def cannon_matmul(a: torch.Tensor, b: torch.Tensor, grid: "ProcessGrid") -> torc
     a: [*, I, K] block (r, c) of A; b: [*, K, J] block (r, c) of B.
     returns: [*, I, J] block (r, c) of A @ B.
     """
+    with torch.autocast(a.device.type, enabled=False):  # in the inputs' precision, as Boltz's float32 einsum
+        return _cannon(a, b, grid)
+
+
+def _cannon(a: torch.Tensor, b: torch.Tensor, grid: "ProcessGrid") -> torch.Tensor:
     p = grid.p
     if p == 1:
         return torch.matmul(a, b)

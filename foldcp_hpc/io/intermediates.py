@@ -57,7 +57,8 @@ def save_intermediates(path: Path, grid: "ProcessGrid", prediction: "Prediction"
             out.write_tile("/trunk/z", _stored(trunk.z[0]))  # [n, n, C_z] tile
         if "distogram" in names:
             logits = trunk.distogram[0, :, :, 0]  # [B, n, n, 1, bins] -> [n, n, bins]
-            out.create_pair("/distogram", n_tokens, trail=(logits.shape[-1],), dtype=dtype)
+            out.create_pair("/distogram", n_tokens, trail=(logits.shape[-1],), dtype=dtype,
+                            attrs={"min_dist": 2.0, "max_dist": 22.0})  # Boltz-2's distogram bins (for inspect)
             out.write_tile("/distogram", _stored(logits))
         for name in ("pae", "pde"):
             if name in names and samples:

@@ -133,11 +133,11 @@ class FoldModel(nn.Module):
     def predict(self, features: "Features", *, recycling_steps: int, sampling_steps: int, diffusion_samples: int,
                 max_parallel_samples: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
                 gather_pae: bool = False, gather_pde: bool = False,
-                progress: Optional[Callable[[str, int, int], None]] = None, hooks: Optional[PredictHooks] = None,
+                progress: Optional[Callable[..., None]] = None, hooks: Optional[PredictHooks] = None,
                 resume: Optional[ResumePoint] = None) -> Prediction:
         """Fold one input: features in, coordinates and confidence out (see :class:`Prediction`).
 
-        generator: seeded alike on every rank; progress(stage, done, total) is called as stages advance;
+        generator: seeded alike on every rank; progress(stage, done, total[, detail]) is called as stages advance;
         hooks: told after every Pairformer block and sampler step; resume: start from a checkpoint's point (the
         result equals the uninterrupted run's).
         """
@@ -146,7 +146,7 @@ class FoldModel(nn.Module):
                              "set the checkpoint's steering_args off")
         grid = self.grid
         device = grid.device
-        report = progress or (lambda stage, done, total: None)
+        report = progress or (lambda stage, done, total, detail="": None)
         token, atom = features.model_inputs(dtype, device)
         pair = {k: v[None].to(device) for k, v in features.pair_tile(grid.p, grid.row, grid.col).items()}
         template = {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in features.template.items()}
@@ -157,7 +157,8 @@ class FoldModel(nn.Module):
         total_blocks = (recycling_steps + 1) * blocks
 
         def after_block(position: TrunkPosition) -> None:
-            report("trunk", position.recycle * blocks + position.blocks, total_blocks)
+            report("trunk", position.recycle * blocks + position.blocks, total_blocks,
+                   f"recycle {position.recycle + 1}/{recycling_steps + 1}, block {position.blocks}/{blocks}")
             if hooks is not None:
                 hooks.after_block(position)
 

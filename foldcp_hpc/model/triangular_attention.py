@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import autograd as cp
-from .common import PAD_BIAS, ChunkWriter, block_is_padding, ring, row_chunks, rows_within
+from .common import at_least_f32, PAD_BIAS, ChunkWriter, block_is_padding, ring, row_chunks, rows_within
 
 # The logits of one chunk of query rows stay within this fraction of the tile's size.
 LOGITS_BUDGET = 0.125
@@ -119,7 +119,9 @@ class TriangleAttention(nn.Module):
             for step, (k_t, v_t, mb_t) in enumerate(ring([k, v, mask_bias[:, sl].contiguous()], grid, "row", skew=0)):
                 block = (grid.col + step) % grid.p  # keys of block c + t are here now
                 # logits [B,i,H,J,K]: q.k, then the mask bias, then the triangle bias (Boltz's order)
-                logits = torch.einsum("bihjc,bihkc->bihjk", q, k_t)
+                # float32 from here (under bfloat16 autocast the product is bfloat16): the online softmax's
+                # statistics and sums must not round at every ring step (Boltz's softmax runs in float32)
+                logits = at_least_f32(torch.einsum("bihjc,bihkc->bihjk", q, k_t))
                 bias_t = tri_bias[..., block * n_k:(block + 1) * n_k]
                 if logits.requires_grad:
                     logits = logits + mb_t[:, :, None, None, :]
@@ -153,7 +155,7 @@ def _merge(state: tuple[Tensor, Tensor, Tensor] | None, logits: Tensor, v: Tenso
     else:
         weights = logits.sub_(new_max).exp_()
     block_sum = weights.sum(-1, keepdim=True)
-    block_acc = torch.einsum("bihjk,bihkc->bihjc", weights, v)
+    block_acc = at_least_f32(torch.einsum("bihjk,bihkc->bihjc", weights, v))  # accumulated in float32
     if state is None:
         return new_max, block_sum, block_acc
     run_max, norm, acc = state
