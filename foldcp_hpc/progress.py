@@ -117,9 +117,10 @@ def stage_report(progress: Progress, comm: Any) -> dict[str, Any] | None:
 
 def format_report(report: dict[str, Any]) -> list[str]:
     """The report as plain table lines for the log."""
-    lines = [f"{'stage':<24} {'seconds':>9} {'peak MiB min':>13} {'median':>10} {'max':>10}"]
+    width = max([len("stage"), *(len(row["stage"]) for row in report["stages"])])
+    lines = [f"{'stage':<{width}} {'seconds':>9} {'peak MiB min':>13} {'median':>10} {'max':>10}"]
     for row in report["stages"]:
-        lines.append(f"{row['stage']:<24} {row['seconds']:>9.1f} {row['peak_mib_min']:>13.1f} "
+        lines.append(f"{row['stage']:<{width}} {row['seconds']:>9.1f} {row['peak_mib_min']:>13.1f} "
                      f"{row['peak_mib_median']:>10.1f} {row['peak_mib_max']:>10.1f}")
     lines.append(f"memory: {report['memory']}, over {report['ranks']} ranks")
     return lines

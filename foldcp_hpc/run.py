@@ -227,13 +227,14 @@ def _checkpointer(job: "JobConfig", grid, summary: dict, identity: str, model, s
                                                     else f"random ({job.model.architecture})"})
 
 
-def _model(job: "JobConfig", grid, checkpoint: str, hparams: dict | None, dtype, progress: Progress):
+def _model(job: "JobConfig", grid, checkpoint: str, hparams: dict | None, dtype, progress: Progress,
+           stage: str = "weights"):
     """The model on every rank (rank 0 reads the checkpoint or makes random weights); returns (model, untrained)."""
     from .data.weights import load_weights
     from .model.boltz2 import FoldModel
 
     source = checkpoint if checkpoint == "random" else job.resolve(checkpoint)
-    progress("weights", 0, 1)
+    progress(stage, 0, 1)
     weights = load_weights(grid, source, hparams, seed=job.runtime.seed)
     progress.say(f"weights: {weights.source}" + (" (UNTRAINED: outputs are not predictions)"
                                                  if weights.untrained else ""))
@@ -271,7 +272,7 @@ def _affinity(job: "JobConfig", grid, parsed, msas, top_coords, dtype, progress:
 
         small = job.model.architecture == "boltz2-small"
         hparams = with_affinity(hparams_for(job) or boltz2_hparams(), pairformer_blocks=2 if small else 8)
-    model, untrained = _model(job, grid, checkpoint, hparams, dtype, progress)
+    model, untrained = _model(job, grid, checkpoint, hparams, dtype, progress, stage="affinity pass: weights")
     if not model.affinity_prediction:
         raise ConfigError(f"{job.source}: [model] affinity_checkpoint: {checkpoint} has no affinity heads "
                           "(affinity_prediction is off in its hyper-parameters)")
@@ -282,8 +283,8 @@ def _affinity(job: "JobConfig", grid, parsed, msas, top_coords, dtype, progress:
                                sampling_steps=sampling.affinity_sampling_steps,
                                diffusion_samples=sampling.affinity_diffusion_samples, max_parallel_samples=1,
                                generator=generator, dtype=dtype,
-                               progress=lambda stage, done, total, detail="": progress(f"affinity {stage}", done,
-                                                                                       total, detail))
+                               progress=lambda stage, done, total, detail="": progress(f"affinity pass: {stage}",
+                                                                                       done, total, detail))
     if grid.rank == 0:
         values = {key: value.float().cpu() for key, value in prediction.affinity.items()}
         path = write_affinity(job.resolve(job.output.dir), parsed.target.record.id, values, untrained=untrained)

@@ -55,3 +55,21 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) ->
 def double(features: dict) -> dict:
     """The tensors of a feature dict, floating ones in float64 (non-tensor entries dropped)."""
     return {k: (v.double() if v.is_floating_point() else v) for k, v in features.items() if isinstance(v, torch.Tensor)}
+
+
+def boltz2_forward(model: torch.nn.Module, feats: dict, sampling_seed: int = 123, **kwargs) -> dict:
+    """``Boltz2.forward(feats, **kwargs)`` in float64 without gradients, torch's global generator reseeded with
+    ``sampling_seed`` where sampling starts (boltz's eval-mode dropout masks draw from it during the trunk, our
+    sampler starts its own generator there)."""
+    sample = model.structure_module.sample
+
+    def reseeded_sample(*args, **sample_kwargs):
+        torch.manual_seed(sampling_seed)
+        return sample(*args, **sample_kwargs)
+
+    model.structure_module.sample = reseeded_sample
+    try:
+        with torch.no_grad(), float64_reference():
+            return model(feats, **kwargs)
+    finally:
+        model.structure_module.sample = sample

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from boltz_reference import float64_reference, perturb_, relative_error
+from boltz_reference import boltz2_forward, perturb_, relative_error
 from conftest import everywhere
 from foldcp_hpc.data.affinity import affinity_features
 from foldcp_hpc.data.inputs import ParsedInput
@@ -155,16 +155,8 @@ def test_affinity_model_equals_boltz2_forward(grid, mol_dir, tmp_path_factory): 
     try:
         reference = None
         if grid.rank == 0:
-            sample = model.structure_module.sample
-
-            def reseeded_sample(*args, **kwargs):
-                torch.manual_seed(123)
-                return sample(*args, **kwargs)
-
-            model.structure_module.sample = reseeded_sample
-            with torch.no_grad(), float64_reference():
-                out = model(feats, recycling_steps=0, num_sampling_steps=2, diffusion_samples=2,
-                            max_parallel_samples=1, run_confidence_sequentially=True)
+            out = boltz2_forward(model, feats, recycling_steps=0, num_sampling_steps=2, diffusion_samples=2,
+                                 max_parallel_samples=1, run_confidence_sequentially=True)
             reference = {k: out[k] for k in (*keys, "iptm")}
         reference = grid.comm.bcast(reference, root=0)
 

@@ -44,14 +44,16 @@ def test_demo_job_writes_boltz_outputs(tmp_path):
         assert sum(1 for _ in structure[0].all()) == 352
     report = json.loads((tmp_path / "run_report_demo.json").read_text())
     stages = [row["stage"] for row in report["stages"]]
-    assert report["ranks"] == 4 and {"trunk", "sampling", "confidence", "affinity trunk"} <= set(stages), stages
+    expected = {"weights", "trunk", "sampling", "confidence", "affinity pass: weights", "affinity pass: trunk",
+                "affinity pass: affinity heads"}
+    assert report["ranks"] == 4 and expected <= set(stages), stages
     assert all(0 < row["peak_mib_min"] <= row["peak_mib_median"] <= row["peak_mib_max"] for row in report["stages"])
     assert "peak MiB min" in done.stdout  # the table in the log
     affinity = json.loads((folder / "affinity_demo.json").read_text())
     assert [key for key in affinity if key != "untrained_weights"] == AFFINITY_KEYS
     assert affinity["untrained_weights"] is True
     assert all(0 <= affinity[key] <= 1 for key in AFFINITY_KEYS if "probability" in key)
-    assert "affinity sampling: 200/200" in done.stdout
+    assert "affinity pass: sampling: 200/200" in done.stdout
     first, second = (json.loads((folder / f"confidence_demo_model_{k}.json").read_text())["confidence_score"]
                      for k in range(2))
     assert first >= second  # samples ranked by confidence_score, as Boltz ranks them

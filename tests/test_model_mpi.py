@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from boltz_reference import float64_reference, perturb_, relative_error
+from boltz_reference import boltz2_forward, perturb_, relative_error
 from conftest import everywhere
 from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
 from foldcp_hpc.data.features import featurize
@@ -43,18 +43,8 @@ def test_fold_model_equals_boltz2_forward(grid, mol_dir, tmp_path_factory):  # n
     try:
         reference = None
         if grid.rank == 0:
-            # boltz's eval-mode dropout masks draw from torch's global generator during the trunk; reseed it
-            # where sampling starts, where our sampler's own generator starts
-            sample = model.structure_module.sample
-
-            def reseeded_sample(*args, **kwargs):
-                torch.manual_seed(123)
-                return sample(*args, **kwargs)
-
-            model.structure_module.sample = reseeded_sample
-            with torch.no_grad(), float64_reference():
-                out = model(feats, recycling_steps=1, num_sampling_steps=3, diffusion_samples=2,
-                            max_parallel_samples=2, run_confidence_sequentially=True)
+            out = boltz2_forward(model, feats, recycling_steps=1, num_sampling_steps=3, diffusion_samples=2,
+                                 max_parallel_samples=2, run_confidence_sequentially=True)
             reference = {k: out[k] for k in ("sample_atom_coords", "plddt", "pae", "pde", "pair_chains_iptm", *SCALARS)}
         reference = grid.comm.bcast(reference, root=0)
 

@@ -205,9 +205,9 @@ class FoldModel(nn.Module):
                 report("confidence", k + 1, diffusion_samples)
         affinity = None
         if self.affinity_prediction:
-            report("affinity", 0, 1)
+            report("affinity heads", 0, 1)
             affinity = self.predict_affinity(features, token, atom, trunk, coords, confidences)
-            report("affinity", 1, 1)
+            report("affinity heads", 1, 1)
         return Prediction(coords=coords, trunk=trunk, confidence=confidences,
                           pae=torch.cat(pae) if pae else None, pde=torch.cat(pde) if pde else None, affinity=affinity)
 
