@@ -48,3 +48,23 @@ def mpirun_popen(n: int, *command: str, env: dict | None = None) -> subprocess.P
     """:func:`mpirun` started in the background, stdout and stderr merged into ``stdout`` (text lines)."""
     return subprocess.Popen([str(REPO / "jobs" / "mpirun-local.sh"), "-n", str(n), *command], cwd=REPO,
                             env=_clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+JOBS = sorted((REPO / "jobs").glob("*.toml"))
+
+
+def ranks_for(job_path) -> int:
+    """The rank count a job in jobs/ is meant for (dp x cp², cp 2 when the job leaves it to the launcher)."""
+    from foldcp_hpc.config import load_job
+
+    job = load_job(job_path)
+    return job.grid.dp * (job.grid.cp or 2) ** 2
+
+
+@pytest.fixture
+def no_mpi(monkeypatch):
+    """Any import of mpi4py.MPI (which initialises MPI) fails during the test (serial commands must not start MPI)."""
+    import mpi4py
+
+    monkeypatch.delattr(mpi4py, "MPI", raising=False)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)

@@ -18,7 +18,7 @@ from boltz_reference import boltz2_forward, perturb_, relative_error
 from conftest import everywhere
 from foldcp_hpc.data.affinity import affinity_features
 from foldcp_hpc.data.inputs import ParsedInput
-from test_features import ATOM_SAME_AS_BOLTZ, SAME_AS_BOLTZ, dense_from, mol_dir  # noqa: F401 - fixture
+from test_features import SAME_AS_BOLTZ, feature_pairs, mismatches, mol_dir  # noqa: F401 - fixture
 
 LONG_PROTEIN = "MKTAYIAKQRQISFVKSHFSRQ" * 12  # 264 residues: more than the crop's 200 protein tokens
 SHORT_PROTEIN = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
@@ -107,21 +107,8 @@ def test_affinity_features_equal_boltz(mol_dir, tmp_path):  # noqa: F811
     ours, tokenized = affinity_features(parsed, {}, coords)
     assert 1 < ours.n_tokens < len(LONG_PROTEIN), "the crop must drop residues far from the ligand"
 
-    problems = []
-
-    def same(key, mine, theirs):
-        if mine.shape != theirs.shape or mine.dtype != theirs.dtype or not torch.equal(mine, theirs):
-            problems.append(f"{key}: {tuple(mine.shape)} {mine.dtype} vs {tuple(theirs.shape)} {theirs.dtype}")
-
-    for key in [*SAME_AS_BOLTZ, "profile_affinity", "deletion_mean_affinity", "deletion_mean"]:
-        same(key, ours.token[key], ref[key])
-    for key in ATOM_SAME_AS_BOLTZ:
-        same(key, ours.atom[key], ref[key])
-    classes = {"element": const.num_elements, "backbone": ref["atom_backbone_feat"].shape[-1]}
-    for key, dense in dense_from(ours, classes).items():
-        same(key, dense, ref[key])
-    for key, value in ours.template.items():
-        same(key, value, ref[key])
+    problems = mismatches(feature_pairs(ours, ref, [*SAME_AS_BOLTZ, "profile_affinity", "deletion_mean_affinity",
+                                                     "deletion_mean"]))
     assert not problems, problems
     assert ours.affinity_mw == ref["affinity_mw"] > 0
     assert int(ours.token["method_feature"][0]) == const.method_types_ids["other"]

@@ -170,36 +170,36 @@ ATOM_SAME_AS_BOLTZ = ["ref_pos", "atom_resolved_mask", "ref_charge", "ref_chiral
                       "frame_resolved_mask"]
 
 
-@pytest.mark.parametrize("name", sorted(INPUTS))
-def test_features_equal_boltz_at_p1(name, mol_dir, tmp_path):
+def mismatches(pairs) -> list[str]:
+    """``(key, ours, boltz's)`` triples whose tensors differ in shape, dtype or value, described."""
+    return [f"{key}: {tuple(mine.shape)} {mine.dtype} vs {tuple(theirs.shape)} {theirs.dtype}"
+            for key, mine, theirs in pairs
+            if mine.shape != theirs.shape or mine.dtype != theirs.dtype or not torch.equal(mine, theirs)]
+
+
+def feature_pairs(ours, ref, token_keys=SAME_AS_BOLTZ) -> list:
+    """(key, ours, boltz's) for the token, atom and template features and the dense maps rebuilt from ours."""
     from boltz.data import const
 
+    classes = {"element": const.num_elements, "backbone": ref["atom_backbone_feat"].shape[-1]}
+    return ([(key, ours.token[key], ref[key]) for key in token_keys]
+            + [(key, ours.atom[key], ref[key]) for key in ATOM_SAME_AS_BOLTZ]
+            + [(key, dense, ref[key]) for key, dense in dense_from(ours, classes).items()]
+            + [(key, value, ref[key]) for key, value in ours.template.items()])
+
+
+@pytest.mark.parametrize("name", sorted(INPUTS))
+def test_features_equal_boltz_at_p1(name, mol_dir, tmp_path):
     tokenized, molecules, pockets, contacts = tokenize(name, mol_dir, tmp_path)
     ref = reference_features(tokenized, molecules, pockets, contacts)
     torch.manual_seed(0)
     ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
 
-    problems = []
-
-    def same(key, mine, theirs):
-        if mine.shape != theirs.shape or mine.dtype != theirs.dtype or not torch.equal(mine, theirs):
-            problems.append(f"{key}: {tuple(mine.shape)} {mine.dtype} vs {tuple(theirs.shape)} {theirs.dtype}")
-
-    for key in SAME_AS_BOLTZ:
-        same(key, ours.token[key], ref[key])
-    for key in ATOM_SAME_AS_BOLTZ:
-        same(key, ours.atom[key], ref[key])
-    classes = {"element": const.num_elements, "backbone": ref["atom_backbone_feat"].shape[-1]}
-    for key, dense in dense_from(ours, classes).items():
-        same(key, dense, ref[key])
-    for key, tile in ours.boltz_pair_tile(1, 0, 0).items():
-        same(key, tile, ref[key])
-    for key, value in ours.template.items():
-        same(key, value, ref[key])
     msa, deletion, paired = ours.msa_block(1, 0, 0)
-    same("msa", msa, ref["msa"])
-    same("msa_paired", paired, ref["msa_paired"])
-    same("has_deletion", deletion > 0, ref["has_deletion"])
+    problems = mismatches(feature_pairs(ours, ref)
+                          + [(key, tile, ref[key]) for key, tile in ours.boltz_pair_tile(1, 0, 0).items()]
+                          + [("msa", msa, ref["msa"]), ("msa_paired", paired, ref["msa_paired"]),
+                             ("has_deletion", deletion > 0, ref["has_deletion"])])
     assert not problems, problems
 
 

@@ -6,35 +6,22 @@ from __future__ import annotations
 
 import io
 import re
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import JOBS, REPO, ranks_for
 from foldcp_hpc.cli import main
-from foldcp_hpc.config import ConfigError, load_job
+from foldcp_hpc.config import ConfigError
 from foldcp_hpc.plan import Architecture, Problem, largest_tokens, parse_memory, plan_memory, run_plan, smallest_grid
 from foldcp_hpc.plan.model import (BOLTZ2_PARAMETERS, BOLTZ2_SMALL_PARAMETERS, GIB, samples_per_step,
                                    stage_transients, units)
 
-JOBS = sorted((REPO / "jobs").glob("*.toml"))
 BOLTZ2 = Architecture()
 # inputs/large_assembly.yaml (PDB 1F2N capsid): 42,840 tokens, 328,320 atoms, single-sequence
 CAPSID = Problem(42_840, 328_320, msa_rows=1)
 
 
-@pytest.fixture(autouse=True)
-def no_mpi(monkeypatch):
-    """Any import of mpi4py.MPI (which initialises MPI) fails during these tests."""
-    import mpi4py
-
-    monkeypatch.delattr(mpi4py, "MPI", raising=False)
-    monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)
-
-
-def ranks_for(job_path) -> int:
-    job = load_job(job_path)
-    return job.grid.dp * (job.grid.cp or 2) ** 2
+pytestmark = pytest.mark.usefixtures("no_mpi")
 
 
 @pytest.mark.parametrize("job_path", JOBS, ids=[p.name for p in JOBS])

@@ -3,16 +3,14 @@ with MPI made unimportable (validate must run where MPI cannot start)."""
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 
 from foldcp_hpc.cli import main
 from foldcp_hpc.config import load_job
 from foldcp_hpc.validate import validate_job
-from conftest import REPO
+from conftest import JOBS, REPO, ranks_for
 
-JOBS = sorted((REPO / "jobs").glob("*.toml"))
 # Inputs whose featurization alone takes longer than this test file may (the 42,840-token capsid: ~40 s on 2 cores)
 # are parsed and tokenized only; test_tokenized_counts_equal_featurized keeps that path honest.
 TOKENIZE_ONLY = {"large_assembly.toml"}
@@ -20,18 +18,7 @@ TOKENIZE_ONLY = {"large_assembly.toml"}
 TOKENS = {"demo.yaml": 72, "protein_ligand.yaml": 197, "large_assembly.yaml": 42840}
 
 
-@pytest.fixture(autouse=True)
-def no_mpi(monkeypatch):
-    """Any import of mpi4py.MPI (which initialises MPI) fails during these tests."""
-    import mpi4py
-
-    monkeypatch.delattr(mpi4py, "MPI", raising=False)
-    monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)
-
-
-def ranks_for(job_path) -> int:
-    job = load_job(job_path)
-    return job.grid.dp * (job.grid.cp or 2) ** 2
+pytestmark = pytest.mark.usefixtures("no_mpi")
 
 
 def test_jobs_exist():
