@@ -124,6 +124,38 @@ def test_triangle_attention_ending_node(grid):
                    lambda m, z, pm: m(z, mask=pm, chunk_size=3, n_tokens=N), seed=40)
 
 
+@pytest.mark.parametrize("starting", [True, False])
+@pytest.mark.parametrize("kernel", [False, True])
+def test_triangle_attention_in_place(grid, starting, kernel, monkeypatch):
+    """``add_update`` (inference, into z's storage, no transposed copy) equals z + boltz's module: float64 on
+    the PyTorch ring; float32 through the flash kernel (Triton's interpreter on the CPU; head width 16)."""
+    from boltz.model.layers.triangular_attention import attention as boltz_attention
+
+    if kernel:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("FOLDCP_TRITON", "1")  # conftest chose Triton's interpreter
+    name = "TriangleAttentionStartingNode" if starting else "TriangleAttentionEndingNode"
+    width, heads = (16, 2) if kernel else (4, 2)
+    ref, mine = build(getattr(boltz_attention, name), getattr(ours, name), (C_Z, width, heads), {"inf": 1e9}, grid,
+                      seed=5 + starting)
+    z = shared_randn(B, N, N, C_Z, seed=50)
+    mask = token_mask(B, N, 51)
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    with float64_reference(), torch.no_grad():
+        expected = z + ref(z, mask=pair_mask, chunk_size=3)
+    dtype = torch.float32 if kernel else torch.float64
+    mine = mine.to(dtype)
+    tile = grid.scatter_pair(z.to(dtype))
+    with torch.no_grad():
+        out = mine.add_update(tile, grid.scatter_pair(pair_mask.to(dtype)), chunk_size=3, n_tokens=N)
+    assert everywhere(grid, out.data_ptr() == tile.data_ptr()), "the update was not added in place"
+    # float32 cannot hold q.k beside the mask bias -1e9 (Boltz's float32 can't either): lines whose every key
+    # is masked differ from float64 in any float32 path, so the kernel is compared where both tokens are real
+    keep = pair_mask[..., None] if kernel else 1.0
+    error = relative_error(grid.gather_pair(out, N).double() * keep, expected * keep)
+    assert everywhere(grid, error <= (1e-5 if kernel else FORWARD_TOL)), f"rank {grid.rank}: error {error:.2e}"
+
+
 def test_distogram_head(grid):
     from boltz.model.modules.trunkv2 import DistogramModule as Ref
 

@@ -15,6 +15,12 @@ made before it, excluded).
 ``fold`` runs the whole model end to end under the launcher itself (random weights of the released architecture,
 features from a pickle, checkpoints and resume) and prints the time and per-rank peak memory of each stage.
 
+``forward`` runs under the launcher itself (``python -m foldcp_hpc.bench forward --n 512,1024,2048 --device cuda``)
+and times the whole forward (3 recycles, 200 sampler steps, confidence; bfloat16 autocast by default), ours and
+boltz's ``Boltz2.forward`` (one-rank runs), on the same synthetic protein of N residues (about 8 atoms each, 64 MSA
+rows) and the same random weights of the released architecture. It prints per-rank peak memory and ours / boltz,
+reports OOM per size (so one run probes the largest N) and compares the two trunks' distogram logits.
+
 ``h5write`` runs under the launcher itself (``mpirun -n 4 python -m foldcp_hpc.bench h5write --n 2048 --c 128``)
 and prints the write throughput of the pair tiles to HDF5, one parallel file and the per-rank fallback.
 """
@@ -75,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_fold_arguments(commands.add_parser("fold", help="the whole model end to end, stage times and memory "
                                                         "(run under mpirun)"))
+    from .forward import add_arguments as add_forward_arguments
+
+    add_forward_arguments(commands.add_parser("forward", help="the whole model forward, ours and boltz's "
+                                                              "Boltz2.forward (run under mpirun)"))
     return parser
 
 
@@ -103,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         from .fold import run as run_fold
 
         return run_fold(args)
+    if args.command == "forward":
+        from .forward import run as run_forward
+
+        return run_forward(args)
     return _drive(args)
 
 

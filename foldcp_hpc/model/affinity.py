@@ -126,7 +126,7 @@ class AffinityModule(nn.Module):
         d = torch.cdist(_block(x_rep, layout, grid.row), _block(x_rep, layout, grid.col), compute_mode=mode)
         bins = self.dist_bin_pairwise_embed((d.unsqueeze(-1) > self.boundaries).sum(dim=-1).long())
         z = z + self.pairwise_conditioner(z, bins)
-        z = self.pairformer_stack(z, pair_mask=cross, n_tokens=n_tokens)
+        z = self.pairformer_stack(z, pair_mask=cross, n_tokens=n_tokens, inplace=True)
         return self.affinity_heads(z, cross)
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..distributed import autograd as cp
 from ..distributed import collectives as raw
-from .common import PAD_BIAS, at_least_f32, block_is_padding, per_token, repeat_samples
+from .common import PAD_BIAS, ChunkWriter, at_least_f32, block_is_padding, per_token, repeat_samples, row_chunks, rows_within
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -65,6 +65,15 @@ class AttentionPairBias(nn.Module):
         o = cp.gather_tokens(o, grid, n_tokens, by="row")  # [B,N,C] replicated
         return per_token(lambda s_, o_: self.proj_o(self.proj_g(s_).sigmoid() * o_), grid, s, o)
 
+    def _pair_bias(self, z: Tensor) -> Tensor:
+        """proj_z of the tile in float32 as Boltz computes it (``z.float()``), a few rows at a time, so that a
+        low-precision z is never copied whole to float32. z: [B, N_i, N_j, C]; returns [B, H, N_i, N_j]."""
+        rows = rows_within(z.numel() / 8, z[:, :1].numel(), z.shape[1])
+        bias = ChunkWriter(dim=2, size=z.shape[1])
+        for sl in row_chunks(z.shape[1], rows):
+            bias.put(sl, self.proj_z(at_least_f32(z[:, sl])))
+        return bias.result()
+
     def row_attention(self, s_rows: Tensor, k_cols: Tensor, z: Tensor, key_mask: Tensor, n_tokens: int,
                       multiplicity: int = 1) -> Tensor:
         """The attention of token block r over all keys, before the output gate and projection.
@@ -79,7 +88,7 @@ class AttentionPairBias(nn.Module):
         q = self.proj_q(s_rows).view(batch, -1, heads, width)  # [B,I,H,D] block r
         k = self.proj_k(k_cols).view(batch, -1, heads, width)  # [B,J,H,D] block c
         v = self.proj_v(k_cols).view(batch, -1, heads, width)
-        bias = repeat_samples(self.proj_z(z), multiplicity)  # [B,H,I,J]
+        bias = repeat_samples(self._pair_bias(z), multiplicity)  # [B,H,I,J]
         with torch.autocast("cuda", enabled=False):
             logits = torch.einsum("bihd,bjhd->bhij", at_least_f32(q), at_least_f32(k))
             logits = logits / (width**0.5) + at_least_f32(bias)

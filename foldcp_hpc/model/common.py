@@ -133,3 +133,37 @@ def repeat_samples(x: torch.Tensor, multiplicity: int) -> torch.Tensor:
     if x.shape[0] == 1:
         return x.expand(multiplicity, *x.shape[1:])
     return x.repeat_interleave(multiplicity, 0)
+
+
+def refuse_autograd(module: "torch.nn.Module", x: Tensor) -> None:
+    """Raise unless ``module.add_update(x)`` may overwrite x: autograd off, or neither x nor a parameter needs it."""
+    if not torch.is_grad_enabled():
+        return
+    needs = ["the input"] if x.requires_grad else []
+    needs += [name for name, param in module.named_parameters() if param.requires_grad][:3]
+    if needs:
+        raise ValueError(f"{type(module).__name__}.add_update overwrites its input and records no graph, but "
+                         f"autograd is on and grad is required by {', '.join(needs)}: call it under torch.no_grad() "
+                         "or torch.inference_mode(), or use x + module(x)")
+
+
+def layer_norm(norm: "torch.nn.LayerNorm", x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``, except that a bfloat16 / float16 x under autocast comes out in its own dtype (statistics in
+    float32 inside the kernel) instead of as a float32 copy: the next layer under autocast would round it to
+    x's dtype anyway, so only the weight's rounding differs, and a chunk of a pair tile costs half the memory.
+    Without autograd, float32 / bfloat16 / float16 rows of a power-of-two width go through the Triton kernel
+    of :mod:`foldcp_hpc.kernels.layer_norm` on CUDA (any input strides; float32 statistics)."""
+    from ..kernels.layer_norm import fast_layer_norm_ok, rows_layer_norm
+
+    low = x.dtype in (torch.bfloat16, torch.float16)
+    if not (low and torch.is_autocast_enabled(x.device.type)):
+        if not torch.is_grad_enabled() and norm.weight is not None and x.dtype == torch.float32 \
+                and fast_layer_norm_ok(x, x.shape[-1]):
+            return rows_layer_norm(x, norm.weight, norm.bias, norm.eps, x.dtype)
+        return norm(x)
+    if not torch.is_grad_enabled() and norm.weight is not None and fast_layer_norm_ok(x, x.shape[-1]):
+        return rows_layer_norm(x, norm.weight, norm.bias, norm.eps, x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        weight = None if norm.weight is None else norm.weight.to(x.dtype)
+        bias = None if norm.bias is None else norm.bias.to(x.dtype)
+        return torch.nn.functional.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)

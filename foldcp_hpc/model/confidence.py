@@ -298,6 +298,6 @@ class ConfidenceModule(nn.Module):
         mask = token["token_pad_mask"].to(z.dtype)
         padded = nn.functional.pad(mask, (0, layout.n_pad))
         pair_mask = padded[:, layout.block(grid.row), None] * padded[:, None, layout.block(grid.col)]
-        s, z = self.pairformer_stack(s, z, mask=mask, pair_mask=pair_mask)
+        s, z = self.pairformer_stack(s, z, mask=mask, pair_mask=pair_mask, inplace=True)
         frame_mask = predicted_frame_mask(coords, token, atom)
         return self.confidence_heads(s, z, d, frame_mask, token, distogram_logits)

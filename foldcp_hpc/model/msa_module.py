@@ -53,7 +53,7 @@ class MSALayer(nn.Module):
         m = m + keep * self.pair_weighted_averaging(m, z, token_mask, n_tokens=n_tokens)
         m = m + self.msa_transition(m)
         z = z + self.outer_product_mean(m, msa_mask)
-        z = self.pairformer_layer(z, token_mask, chunk_size_tri_attn, n_tokens=n_tokens)
+        z = self.pairformer_layer(z, token_mask, chunk_size_tri_attn, n_tokens=n_tokens, inplace=True)
         return z, m
 
 

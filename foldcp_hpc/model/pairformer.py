@@ -51,19 +51,33 @@ class PairformerNoSeqLayer(nn.Module):
         self.transition_z = Transition(token_z, token_z * 4)
 
     def forward(self, z: Tensor, pair_mask: Tensor, chunk_size_tri_attn: Optional[int] = None,
-                use_kernels: bool = False, n_tokens: Optional[int] = None) -> Tensor:
+                use_kernels: bool = False, n_tokens: Optional[int] = None, inplace: bool = False) -> Tensor:
         """z: [B, N_i, N_j, C_z] pair tile (row-block r, col-block c); pair_mask: [B, N_i, N_j] the same tile.
 
         n_tokens: the true N (needed for dropout in training and for exact treatment of padding).
+        inplace: z may be overwritten (the caller does not use it again); in inference every update is then
+            added into z's storage (see :func:`_pair_stack`).
         """
-        return _pair_stack(self, z, pair_mask, chunk_size_tri_attn, n_tokens)
+        return _pair_stack(self, z, pair_mask, chunk_size_tri_attn, n_tokens, inplace)
 
 
-def _pair_stack(layer: nn.Module, z: Tensor, pair_mask: Tensor, chunk: Optional[int], n_tokens: Optional[int]) -> Tensor:
+def _pair_stack(layer: nn.Module, z: Tensor, pair_mask: Tensor, chunk: Optional[int], n_tokens: Optional[int],
+                inplace: bool = False) -> Tensor:
+    """tri_mul_out, tri_mul_in, tri_att_start, tri_att_end and transition_z, each added to z.
+
+    In inference with ``inplace`` (autograd off, not training) each module adds its update into z's own storage
+    (``add_update``), so a layer needs little more than z itself; otherwise each sum is a new tensor, as Boltz.
+    """
     grid, rate, training = layer.grid, layer.dropout, layer.training
     n_tokens = grid.padding_for(z.shape[1], n_tokens)
     if training and rate > 0 and n_tokens is None:
         raise ValueError("dropout in training needs n_tokens (the true token count) to draw Boltz's masks")
+    if inplace and not training and not torch.is_grad_enabled():
+        z = layer.tri_mul_out.add_update(z, pair_mask)
+        z = layer.tri_mul_in.add_update(z, pair_mask)
+        z = layer.tri_att_start.add_update(z, pair_mask, chunk_size=chunk, n_tokens=n_tokens)
+        z = layer.tri_att_end.add_update(z, pair_mask, chunk_size=chunk, n_tokens=n_tokens)
+        return layer.transition_z.add_update(z)
 
     def drop(columnwise: bool = False):
         return dropout_mask(rate, z, training, grid, n_tokens or 0, columnwise)
@@ -102,14 +116,17 @@ class PairformerLayer(nn.Module):
         self.s_post_norm = nn.LayerNorm(token_s) if post_layer_norm else nn.Identity()
 
     def forward(self, s: Tensor, z: Tensor, mask: Tensor, pair_mask: Tensor,
-                chunk_size_tri_attn: Optional[int] = None, use_kernels: bool = False) -> tuple[Tensor, Tensor]:
+                chunk_size_tri_attn: Optional[int] = None, use_kernels: bool = False,
+                inplace: bool = False) -> tuple[Tensor, Tensor]:
         """s: [B, N, C_s] replicated; z: [B, N_i, N_j, C_z] pair tile (row-block r, col-block c);
         mask: [B, N] replicated; pair_mask: [B, N_i, N_j] pair tile. returns (s, z) placed as given.
+        inplace: z may be overwritten (see :func:`_pair_stack`).
         """
-        z = _pair_stack(self, z, pair_mask, chunk_size_tri_attn, mask.shape[1])
+        z = _pair_stack(self, z, pair_mask, chunk_size_tri_attn, mask.shape[1], inplace)
         with torch.autocast("cuda", enabled=False):
             s_normed = self.pre_norm_s(at_least_f32(s))
-            s = at_least_f32(s) + self.attention(s=s_normed, z=at_least_f32(z), mask=at_least_f32(mask), k_in=s_normed)
+            # z in its own dtype: the pair bias converts it to float32 a few rows at a time
+            s = at_least_f32(s) + self.attention(s=s_normed, z=z, mask=at_least_f32(mask), k_in=s_normed)
             s = s + self.transition_s(s)
             s = self.s_post_norm(s)
         return s, z
@@ -136,12 +153,13 @@ class PairformerModule(nn.Module):
         )
 
     def forward(self, s: Tensor, z: Tensor, mask: Tensor, pair_mask: Tensor, use_kernels: bool = False,
-                start_block: int = 0, on_block: Optional[Callable[[int, Tensor, Tensor], None]] = None
-                ) -> tuple[Tensor, Tensor]:
+                start_block: int = 0, on_block: Optional[Callable[[int, Tensor, Tensor], None]] = None,
+                inplace: bool = False) -> tuple[Tensor, Tensor]:
         """s: [B, N, C_s] replicated; z: [B, N_i, N_j, C_z] pair tile; mask: [B, N]; pair_mask: [B, N_i, N_j] tile.
 
         start_block: the blocks before it are taken as done (s, z are their output: a resumed run);
-        on_block(done, s, z): called after each block with the number of blocks done (checkpoints, signals).
+        on_block(done, s, z): called after each block with the number of blocks done (checkpoints, signals);
+        inplace: the caller gives z up: in inference the layers then update it in its own storage.
         """
         chunk = tri_attn_chunk_size(mask.shape[1], self.training)
         for index in range(start_block, self.num_blocks):
@@ -149,7 +167,7 @@ class PairformerModule(nn.Module):
             if self.activation_checkpointing and self.training:
                 s, z = torch.utils.checkpoint.checkpoint(layer, s, z, mask, pair_mask, chunk, use_reentrant=False)
             else:
-                s, z = layer(s, z, mask, pair_mask, chunk)
+                s, z = layer(s, z, mask, pair_mask, chunk, inplace=inplace)
             if on_block is not None:
                 on_block(index + 1, s, z)
         return s, z
@@ -173,14 +191,15 @@ class PairformerNoSeqModule(nn.Module):
             for _ in range(num_blocks)
         )
 
-    def forward(self, z: Tensor, pair_mask: Tensor, use_kernels: bool = False, n_tokens: Optional[int] = None) -> Tensor:
+    def forward(self, z: Tensor, pair_mask: Tensor, use_kernels: bool = False, n_tokens: Optional[int] = None,
+                inplace: bool = False) -> Tensor:
         """z: [B, N_i, N_j, C_z] pair tile; pair_mask: [B, N_i, N_j] tile; n_tokens: the true N (default: the N
-        recorded by the grid's ``scatter_pair``)."""
+        recorded by the grid's ``scatter_pair``); inplace: the caller gives z up (see :func:`_pair_stack`)."""
         exact_n = self.grid.padding_for(z.shape[1], n_tokens)
         chunk = tri_attn_chunk_size(z.shape[1] * self.grid.p if exact_n is None else exact_n, self.training)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 z = torch.utils.checkpoint.checkpoint(layer, z, pair_mask, chunk, False, exact_n, use_reentrant=False)
             else:
-                z = layer(z, pair_mask, chunk, False, exact_n)
+                z = layer(z, pair_mask, chunk, False, exact_n, inplace=inplace)
         return z

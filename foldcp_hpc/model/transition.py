@@ -6,10 +6,12 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .common import ChunkWriter, row_chunks, rows_within
+from .common import ChunkWriter, layer_norm, refuse_autograd, row_chunks, rows_within
 
 # The [..., hidden] activations of one row chunk stay within this fraction of the input's size.
 HIDDEN_BUDGET = 0.5
+# add_update: two hidden activations live at once (silu(fc1) and fc2), together within 1/4 of the input.
+INPLACE_HIDDEN_BUDGET = 0.125
 
 
 class Transition(nn.Module):
@@ -43,8 +45,26 @@ class Transition(nn.Module):
             writer.put(sl, self._mlp(x[:, sl], chunk_size))
         return writer.result()
 
+    def add_update(self, x: Tensor, chunk_size: Optional[int] = None) -> Tensor:
+        """``x + self(x, chunk_size)`` computed into x's storage, for inference: x is overwritten and returned.
+
+        x: [B, N_i, ..., D] as for :meth:`forward` (out_dim must be D). Rows of dim 1 are updated chunk by chunk,
+        each chunk's hidden activations within 1/4 of x's size (a row at least). Raises ValueError when autograd
+        is on and x or a parameter requires grad.
+        """
+        refuse_autograd(self, x)
+        if self.fc3.out_features != x.shape[-1]:
+            raise ValueError(f"add_update needs out_dim == dim, got {self.fc3.out_features} for inputs of "
+                             f"{x.shape[-1]} channels")
+        if x.dim() < 3:
+            return x.add_(self._mlp(x, chunk_size))
+        per_row = x[:, :1].numel() // x.shape[-1] * self.hidden
+        for rows in row_chunks(x.shape[1], rows_within(INPLACE_HIDDEN_BUDGET * x.numel(), per_row, x.shape[1])):
+            x[:, rows].add_(self._mlp(x[:, rows], chunk_size))
+        return x
+
     def _mlp(self, x: Tensor, chunk_size: Optional[int]) -> Tensor:
-        x = self.norm(x)
+        x = layer_norm(self.norm, x)
         if chunk_size is None or self.training:
             hidden = self.silu(self.fc1(x))
             hidden = hidden * self.fc2(x) if hidden.requires_grad else hidden.mul_(self.fc2(x))

@@ -22,11 +22,17 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor, nn
 
+import torch.nn.functional as F
+
 from ..distributed import autograd as cp
-from .common import at_least_f32, PAD_BIAS, ChunkWriter, block_is_padding, ring, row_chunks, rows_within
+from ..kernels import triangle_attention as flash
+from .common import (PAD_BIAS, ChunkWriter, at_least_f32, block_is_padding, layer_norm, refuse_autograd, ring,
+                     row_chunks, rows_within)
 
 # The logits of one chunk of query rows stay within this fraction of the tile's size.
 LOGITS_BUDGET = 0.125
+# In place (inference): the normalised rows and their q, k, v, g projections stay within this fraction.
+PROJECTION_BUDGET = 0.125
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -140,6 +146,118 @@ class TriangleAttention(nn.Module):
             o = o * gate
             out.put(sl, mha.linear_o(o.reshape(batch, ci, n_j, heads * width)))
         return out.result()
+
+
+    # -- inference: the update added into z's own storage ------------------------------------------------------
+
+    def add_update(self, z: Tensor, mask: Optional[Tensor] = None, chunk_size: Optional[int] = None,
+                   n_tokens: Optional[int] = None) -> Tensor:
+        """``z + self(z, mask)`` written into z's storage (inference only: autograd must be off).
+
+        z: [B, N_i, N_j, C] pair tile (row-block r, col-block c), overwritten and returned; mask: the same tile.
+        No transposed or normalised copy of z is made: the starting node works on chunks of the tile's rows,
+        the ending node on chunks of its columns (their keys travel round the grid column), and each chunk's
+        update is added to z as soon as it is done (a chunk's update reads only its own rows or columns, and
+        the triangle bias, made from all of z first). Beyond z a rank holds the bias (H/C of a tile, gathered
+        over the axis) and one chunk's projections (within ``PROJECTION_BUDGET`` of a tile). On CUDA the
+        attention is the flash kernel (:mod:`foldcp_hpc.kernels.triangle_attention`), so no logits are stored;
+        elsewhere, and in float64, the ring of :meth:`_starting` with the logits of one chunk at a time.
+        ``chunk_size`` bounds the rows (columns) of a chunk as Boltz's query chunk does.
+        """
+        refuse_autograd(self, z)
+        grid = self.grid
+        batch, n_i, n_j, c_in = z.shape
+        n_tokens = grid.padding_for(n_i, n_tokens)
+        if mask is None:
+            mask = z.new_ones(z.shape[:-1])
+        heads, width = self.no_heads, self.c_hidden
+        tri_bias = self._bias_for_chunks(z)  # [B,H,Q,K_all]
+        axis, first = ("row", grid.col) if self.starting else ("col", grid.row)
+        padding = [block_is_padding(n_tokens, grid, block, z.device) for block in range(grid.p)]
+        n_queries, n_keys = (n_j, n_j) if self.starting else (n_i, n_i)
+        kernel = flash.kernels_available(z.device) and z.dtype != torch.float64
+        per_line = batch * n_queries * (heads * width * 4 + 2 * c_in)
+        if not kernel:  # the logits of a chunk, as in :meth:`_starting`
+            per_line = max(per_line, batch * heads * n_queries * n_keys * 2)
+        lines = rows_within(PROJECTION_BUDGET * z.numel(), per_line, n_i if self.starting else n_j)
+        if chunk_size is not None and not kernel:
+            lines = min(lines, chunk_size)
+        for sl in row_chunks(n_i if self.starting else n_j, lines):
+            if self.starting:
+                x = layer_norm(self.layer_norm, z[:, sl])  # [B,i,J,C]: row i's queries j and keys k (columns)
+                key_mask = mask[:, sl]  # [B,i,K]
+            else:
+                x = layer_norm(self.layer_norm, z[:, :, sl].transpose(1, 2))  # [B,I,j,C] -> [B,j,I,C]: column j's
+                key_mask = mask[:, :, sl].transpose(1, 2)  # [B,I,j] -> [B,j,K]: keys k are rows of the column
+            update = self._attend(x, self.inf * (key_mask - 1), tri_bias, axis, first, padding, kernel)
+            if self.starting:
+                z[:, sl] += update
+            else:
+                z[:, :, sl] += update.transpose(1, 2)  # [B,j,I,C] -> [B,I,j,C]
+        return z
+
+    def _bias_for_chunks(self, z: Tensor) -> Tensor:
+        """The triangle bias for :meth:`add_update`: [B, H, Q, K_all] with queries Q of this rank's chunks.
+
+        starting: b[j, k] = w . LN(z)[j, k] for j in col-block c, every k (gathered along the grid column);
+        ending: b[i, k] = w . LN(z)[k, i] for i in row-block r, every k (gathered along the grid row).
+        """
+        grid = self.grid
+        lines = rows_within(PROJECTION_BUDGET * z.numel(), z.shape[0] * z.shape[2] * z.shape[3] * 2, z.shape[1])
+        bias = ChunkWriter(dim=1, size=z.shape[1])
+        for sl in row_chunks(z.shape[1], lines):
+            bias.put(sl, self.linear(layer_norm(self.layer_norm, z[:, sl])))
+        bias = cp.transpose_tiles(bias.result(), grid)  # [B,I,J,H] of b -> tile of b^T
+        if self.starting:
+            bias = cp.all_gather(bias, grid, "col", dim=1)  # [B,K,J,H]: b^T[k, j] = b[j, k]
+            return bias.permute(0, 3, 2, 1).contiguous()  # [B,K,J,H] -> [B,H,J,K]
+        bias = cp.all_gather(bias, grid, "row", dim=2)  # [B,I,K,H]: b^T[i, k] = b[k, i]
+        return bias.permute(0, 3, 1, 2).contiguous()  # [B,I,K,H] -> [B,H,I,K]
+
+    def _attend(self, x: Tensor, mask_bias: Tensor, tri_bias: Tensor, axis: str, first: int,
+                padding: list, kernel: bool) -> Tensor:
+        """One chunk of lines (rows, or transposed columns) attending along themselves across the grid axis.
+
+        x: [B, l, Q, C] normalised; mask_bias: [B, l, K_local] for this rank's keys; tri_bias: [B, H, Q, K_all];
+        the keys of block ``(first + t) % p`` are here at ring step t. returns: [B, l, Q, C] the update.
+        """
+        grid, mha = self.grid, self.mha
+        batch, lines, n_q, _ = x.shape
+        heads, width = self.no_heads, self.c_hidden
+        n_k = mask_bias.shape[-1]
+        weight = torch.cat([mha.linear_q.weight, mha.linear_k.weight, mha.linear_v.weight, mha.linear_g.weight])
+        q, k, v, g = F.linear(x, weight).split(heads * width, dim=-1)  # 4 x [B,l,Q,H*D]
+        scale = 1.0 / math.sqrt(width)
+        if kernel:
+            q = q.flatten(0, 1).unflatten(-1, (heads, width))  # [B,l,Q,HD] -> [R,Q,H,D]
+            k = k.flatten(0, 1).unflatten(-1, (heads, width))
+            v = v.flatten(0, 1).unflatten(-1, (heads, width))
+            state = None
+            keys = [k, v, mask_bias.flatten(0, 1)]
+            for step, (k_t, v_t, mb_t) in enumerate(ring(keys, grid, axis, skew=0)):
+                block = (first + step) % grid.p
+                if padding[block] is not None:
+                    mb_t = mb_t.masked_fill(padding[block], PAD_BIAS)
+                bias_t = tri_bias[..., block * n_k:(block + 1) * n_k]
+                o, lse = flash.flash_triangle_attention(q, k_t, v_t, bias_t, mb_t, scale, lines)
+                state = flash.merge_partial(state, o, lse) if grid.p > 1 else (o, lse)
+            o = state[0].unflatten(0, (batch, lines)).flatten(-2)  # [R,Q,H,D] -> [B,l,Q,H*D]
+        else:
+            q = (q * scale).unflatten(-1, (heads, width)).permute(0, 1, 3, 2, 4)  # [B,l,Q,H,D] -> [B,l,H,Q,D]
+            k = k.unflatten(-1, (heads, width)).permute(0, 1, 3, 2, 4).contiguous()
+            v = v.unflatten(-1, (heads, width)).permute(0, 1, 3, 2, 4).contiguous()
+            state = None
+            for step, (k_t, v_t, mb_t) in enumerate(ring([k, v, mask_bias.contiguous()], grid, axis, skew=0)):
+                block = (first + step) % grid.p
+                logits = at_least_f32(torch.einsum("bihjc,bihkc->bihjk", q, k_t))
+                logits.add_(mb_t[:, :, None, None, :]).add_(tri_bias[:, None, ..., block * n_k:(block + 1) * n_k])
+                if padding[block] is not None:
+                    logits.masked_fill_(padding[block], PAD_BIAS)
+                state = _merge(state, logits, v_t)
+            _, norm, acc = state
+            o = acc.div_(norm).permute(0, 1, 3, 2, 4).flatten(-2)  # [B,l,H,Q,D] -> [B,l,Q,H*D]
+        o = o.to(g.dtype).mul_(g.sigmoid())
+        return mha.linear_o(o)
 
 
 def _merge(state: tuple[Tensor, Tensor, Tensor] | None, logits: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -2,12 +2,18 @@
 
 Outgoing: out[i, j] = sum_k a[i, k] b[j, k]; incoming: out[i, j] = sum_k a[k, i] b[k, j]. On the grid the
 contraction over k is a Cannon ring (:func:`tile_matmul`) after one tile transpose of the operand whose k
-index runs along the wrong axis. Like Boltz, the contraction runs in float32 (float64 stays float64).
+index runs along the wrong axis.
+
+Precision: like Boltz, the contraction of a float32 tile runs in float32 with autocast off (float64 stays
+float64, for the parity tests). A tile stored in bfloat16 or float16 contracts in its own dtype: a and b stay
+in that dtype and the GEMM (which accumulates in float32 inside) writes the product in it, halving the
+product's memory and running at the low-precision GEMM rate.
 
 Memory: the channels are contracted in ``CHANNEL_GROUPS`` groups (each group's a and b are projected,
 gated, masked and sent round the ring on their own), and the output gating runs in row chunks, so besides
 its input and output tiles a rank holds about one more tile, where Boltz holds the four [N, N, 2D]
-projections at once.
+projections at once. Without autograd, :meth:`~_TriangleMultiplication.add_update` adds the update into z
+itself: z, the product tile and about 1/8 of a tile more (one rank; see its docstring).
 """
 
 from __future__ import annotations
@@ -20,13 +26,26 @@ from torch import Tensor, nn
 
 from ..distributed import autograd as cp
 from ..distributed.matmul import tile_matmul
-from .common import ChunkWriter, at_least_f32, row_chunks
+from .common import ChunkWriter, layer_norm, refuse_autograd, row_chunks
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
 
 CHANNEL_GROUPS = 8  # the D channels are contracted in this many groups, one Cannon ring each
 OUTPUT_ROW_FRACTION = 4  # the output gating runs on 1/4 of the tile's rows at a time
+# add_update: one group's a and b together are 2/4 of a tile (in z's dtype); its row chunks are 1/16 of the
+# tile's rows (a chunk's four projections: 2/16 of a tile).
+INPLACE_CHANNEL_GROUPS = 4
+INPLACE_ROW_FRACTION = 16
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def contraction_dtype(z_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the operands a, b and of the product for a tile stored in ``z_dtype``: bfloat16 and float16 keep
+    their own (the fast path), float64 stays float64, anything else contracts in float32 as Boltz does."""
+    if z_dtype in LOW_PRECISION or z_dtype == torch.float64:
+        return z_dtype
+    return torch.float32
 
 
 class _TriangleMultiplication(nn.Module):
@@ -50,22 +69,18 @@ class _TriangleMultiplication(nn.Module):
 
         returns: [B, N_i, N_j, D] update of the same tile.
         """
-        dim, grid = self.dim, self.grid
+        dim, dtype = self.dim, contraction_dtype(x.dtype)
         x_in = self.norm_in(x)
         mask = mask.unsqueeze(-1)
 
         # Triangular projection, per group of channels d: a tiled matrix product over k
         product = ChunkWriter(dim=3, size=dim)
         for group in row_chunks(dim, -(-dim // CHANNEL_GROUPS)):
-            a = self._gated_input(x_in, group, mask)  # [B,I,K,g]
-            b = self._gated_input(x_in, slice(dim + group.start, dim + group.stop), mask)
+            a = self._gated_input(x_in, group, mask, dtype)  # [B,I,K,g]
+            b = self._gated_input(x_in, slice(dim + group.start, dim + group.stop), mask, dtype)
             a = a.permute(0, 3, 1, 2)  # [B,I,K,g] -> [B,g,I,K]
             b = b.permute(0, 3, 1, 2)  # [B,J,K,g] -> [B,g,J,K] (outgoing) / [B,K,J,g] -> [B,g,K,J] (incoming)
-            if self.outgoing:  # einsum "bikd,bjkd->bijd" = A @ B^T
-                part = tile_matmul(a.contiguous(), cp.transpose_tiles(b, grid, dims=(2, 3)), grid)
-            else:  # einsum "bkid,bkjd->bijd" = A^T @ B
-                part = tile_matmul(cp.transpose_tiles(a, grid, dims=(2, 3)), b.contiguous(), grid)
-            product.put(group, part.permute(0, 2, 3, 1))  # [B,g,I,J] -> [B,I,J,g]
+            product.put(group, self._contract(a, b).permute(0, 2, 3, 1))  # [B,g,I,J] -> [B,I,J,g]
         x = product.result()
 
         # Output gating, in row chunks
@@ -76,13 +91,83 @@ class _TriangleMultiplication(nn.Module):
             out.put(rows, update * gate if update.requires_grad else update.mul_(gate))
         return out.result()
 
-    def _gated_input(self, x: Tensor, channels: slice, mask: Tensor) -> Tensor:
-        """Input gating for ``channels`` of the 2D projections: p_in(x) * sigmoid(g_in(x)) * mask, in float32."""
+    def add_update(self, z: Tensor, mask: Tensor) -> Tensor:
+        """``z + self(z, mask)`` computed into z's storage, for inference: z is overwritten and returned.
+
+        z: [B, N_i, N_j, D] pair tile (row-block r, col-block c); mask: [B, N_i, N_j] same tile.
+        returns: z, now holding z + update.
+
+        Raises ValueError when autograd is on and z or a parameter requires grad (no graph could be kept).
+        Memory besides z: the product [D, B, N_i, N_j] in :func:`contraction_dtype` (one tile for bfloat16 z),
+        one channel group's a and b (2 / ``INPLACE_CHANNEL_GROUPS`` of a tile) and the row chunks' projections
+        (a 1 / ``INPLACE_ROW_FRACTION`` of the rows at a time). ``norm_in`` runs once per group and row chunk
+        and all four projections of a group (a, b and their gates) are one GEMM. On one rank the product GEMM
+        writes straight into the product; on a p x p grid the Cannon ring's copies add about 6/16 of a tile.
+        """
+        refuse_autograd(self, z)
+        dim, dtype = self.dim, contraction_dtype(z.dtype)
+        chunks = row_chunks(z.shape[1], -(-z.shape[1] // INPLACE_ROW_FRACTION))
+
+        # Triangular projection into product[d] = [B,I,J] for the channels d of each group
+        product = z.new_empty((dim, *z.shape[:3]), dtype=dtype)
+        for group in row_chunks(dim, -(-dim // INPLACE_CHANNEL_GROUPS)):
+            self._contract(*self._operands(z, mask, group, chunks, dtype), out=product[group])
+
+        # Output gating, in row chunks; each chunk's gate reads z's rows before the update is added to them
+        for rows in chunks:
+            gate = self.g_out(layer_norm(self.norm_in, z[:, rows])).sigmoid_()
+            # [D,B,i,J] -> [B,i,J,D]: normalised from the channel-first product (the kernel reads any strides)
+            update = self.p_out(layer_norm(self.norm_out, product[:, :, rows].permute(1, 2, 3, 0)))
+            z[:, rows].add_(update.mul_(gate))
+        return z
+
+    def _operands(self, z: Tensor, mask: Tensor, group: slice, chunks: list[slice], dtype: torch.dtype
+                  ) -> tuple[Tensor, Tensor]:
+        """a and b of one channel group, [g, B, N_i, N_j] in ``dtype``, built in row chunks of z.
+
+        The four projections (a, b, their gates) of a chunk are one GEMM that writes them channel-first
+        (W @ x^T), so no transposing copy is needed to lay a and b out for the batched product."""
+        width = group.stop - group.start
+        shape = (width, *z.shape[:3])
+        a, b = z.new_empty(shape, dtype=dtype), z.new_empty(shape, dtype=dtype)
+        other = slice(self.dim + group.start, self.dim + group.stop)
+        weight = torch.cat([self.p_in.weight[group], self.p_in.weight[other],
+                            self.g_in.weight[group], self.g_in.weight[other]])  # [4g, D]: a, b and their gates
+        for rows in chunks:
+            x = layer_norm(self.norm_in, z[:, rows])  # [B,i,J,D]
+            projected = torch.matmul(weight, x.reshape(-1, x.shape[-1]).t())  # [4g, B*i*J]
+            gated = projected[:2 * width].mul_(projected[2 * width:].sigmoid_())  # [2g, B*i*J]
+            gated.mul_(mask[:, rows].reshape(1, -1).to(gated.dtype))
+            a[:, :, rows] = gated[:width].view(width, *x.shape[:3])  # [g, B, i, J]
+            b[:, :, rows] = gated[width:].view(width, *x.shape[:3])
+        return a, b
+
+    def _contract(self, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+        """Tile of the triangle product over k for one channel group, in the operands' dtype with autocast off.
+
+        a, b: [B, g, N_i, N_j] or [g, B, N_i, N_j] tiles of a[i, k], b[j, k] (outgoing) or a[k, i], b[k, j]
+        (incoming). returns: the same leading dims and [N_i, N_j], written into ``out`` if given.
+        """
+        grid = self.grid
+        if self.outgoing:  # einsum "bikd,bjkd->bijd" = A @ B^T
+            a, b = a.contiguous(), cp.transpose_tiles(b, grid, dims=(2, 3))
+        else:  # einsum "bkid,bkjd->bijd" = A^T @ B
+            a, b = cp.transpose_tiles(a, grid, dims=(2, 3)), b.contiguous()
+        with torch.autocast(a.device.type, enabled=False):  # as Boltz's float32 einsum, on one rank too
+            if out is None:
+                return tile_matmul(a, b, grid)
+            if grid.p == 1:  # the GEMM writes into ``out`` (contiguous): no result buffer of its own
+                torch.bmm(a.flatten(0, 1), b.flatten(0, 1), out=out.view(-1, *out.shape[-2:]))
+                return out
+            return out.copy_(tile_matmul(a, b, grid))
+
+    def _gated_input(self, x: Tensor, channels: slice, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """Input gating for ``channels`` of the 2D projections: p_in(x) * sigmoid(g_in(x)) * mask, in ``dtype``."""
         projected = F.linear(x, self.p_in.weight[channels])
         gate = F.linear(x, self.g_in.weight[channels])
         if projected.requires_grad:
-            return at_least_f32(projected * gate.sigmoid() * mask)
-        return at_least_f32(projected.mul_(gate.sigmoid_()).mul_(mask))
+            return (projected * gate.sigmoid() * mask).to(dtype)
+        return projected.mul_(gate.sigmoid_()).mul_(mask).to(dtype)
 
 
 class TriangleMultiplicationOutgoing(_TriangleMultiplication):

@@ -126,7 +126,8 @@ class Trunk(nn.Module):
                 begin = 0
             hook = None if on_block is None else (
                 lambda done, s_, z_, recycle=recycle: on_block(TrunkPosition(recycle, done, s_, z_)))
-            s, z = self.pairformer_module(s, z, mask=mask, pair_mask=pair_mask, start_block=begin, on_block=hook)
+            s, z = self.pairformer_module(s, z, mask=mask, pair_mask=pair_mask, start_block=begin, on_block=hook,
+                                          inplace=True)
         return self.output(s_inputs, s, z)
 
     def output(self, s_inputs: Tensor, s: Tensor, z: Tensor) -> TrunkOutput:

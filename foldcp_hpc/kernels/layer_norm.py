@@ -1,0 +1,66 @@
+"""LayerNorm over a short last dim (the pair channels, 128) for many rows, reading any strides.
+
+PyTorch's kernel gives each row its own thread block, which leaves a GPU mostly idle on [N*N, 128] pair rows;
+this kernel normalises a block of rows per program (statistics in float32) and reads its input through
+strides, so a channel-first tensor ([C, M], the triangle product) is normalised straight into channel-last
+rows without a transposing copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def layer_norm_rows(x_ptr, w_ptr, b_ptr, out_ptr, n_rows, sx_m, sx_c, eps,
+                        C: tl.constexpr, BLOCK_M: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, C)
+        inside = rows[:, None] < n_rows
+        x = tl.load(x_ptr + rows[:, None] * sx_m + cols[None, :] * sx_c, mask=inside, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 1) / C
+        centred = x - mean[:, None]
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
+        w = tl.load(w_ptr + cols).to(tl.float32)
+        b = tl.load(b_ptr + cols).to(tl.float32)
+        y = centred * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(out_ptr + rows[:, None] * C + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=inside)
+
+    return layer_norm_rows
+
+
+def fast_layer_norm_ok(x: Tensor, dims: int) -> bool:
+    """Whether :func:`rows_layer_norm` takes x: a CUDA tensor (or Triton's interpreter, when FOLDCP_TRITON=1)
+    whose normalised dim is a power of two between 16 and 1024; ``FOLDCP_TRITON=0`` turns it off."""
+    choice = os.environ.get("FOLDCP_TRITON", "auto")
+    if choice == "0" or not (16 <= dims <= 1024 and dims & (dims - 1) == 0):
+        return False
+    if choice == "1" and os.environ.get("TRITON_INTERPRET") == "1":
+        return _kernel() is not None
+    return x.device.type == "cuda" and _kernel() is not None
+
+
+def rows_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+    """LayerNorm of every row of x over its last dim; x: [..., C] with any strides such that the leading dims
+    flatten to one row index (``x.flatten(0, -2)`` is a view); returns a contiguous [..., C] in ``out_dtype``."""
+    shape = x.shape
+    rows = x.flatten(0, -2)  # a view when the leading dims merge (a copy otherwise: still right, slower)
+    out = torch.empty(shape, device=x.device, dtype=out_dtype)
+    n_rows, channels = rows.shape
+    if n_rows:
+        block = max(1, 4096 // channels)
+        _kernel()[(-(-n_rows // block),)](rows, weight, bias, out, n_rows, rows.stride(0), rows.stride(1),
+                                                 float(eps), C=channels, BLOCK_M=block)
+    return out

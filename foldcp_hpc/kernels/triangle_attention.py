@@ -1,0 +1,204 @@
+"""Flash-style triangle attention: one Triton kernel for the logits, the online softmax and the weighted values.
+
+For every row r (a query row i of the pair tile, batch folded in) and head h::
+
+    o[r, j, h] = sum_k softmax_k(scale * q[r, j, h] . k[r, k, h] + bias[b(r), h, j, k] + mask_bias[r, k]) v[r, k, h]
+
+The [J, K] logits never exist in memory: each program holds a block of queries and walks the keys in blocks,
+keeping the running max and sum in float32 registers (exp2 domain). The triangle bias is shared by all rows r
+of a batch entry, so programs are ordered rows-fastest: the programs on the GPU at one time read the same bias
+block, which stays in L2. Products run on tensor cores in the input dtype (bfloat16 under autocast) with
+float32 accumulation, as Boltz's kernel path; float32 inputs use IEEE float32 products.
+
+Returns the normalised output and the log-sum-exp of each query, so that partial results over key blocks
+(one per ring step on a grid) merge exactly (:func:`merge_partial`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def kernels_available(device: torch.device) -> bool:
+    """Whether the model uses the kernel on ``device``.
+
+    ``FOLDCP_TRITON``: unset or ``auto``, on CUDA devices when Triton imports; ``0``, never (to compare with the
+    PyTorch path); ``1``, wherever Triton runs, including its CPU interpreter (``TRITON_INTERPRET=1`` set before
+    Triton is first imported: the tests).
+    """
+    choice = os.environ.get("FOLDCP_TRITON", "auto")
+    if choice == "0":
+        return False
+    if choice == "1" and os.environ.get("TRITON_INTERPRET") == "1":
+        return _triton() is not None
+    return device.type == "cuda" and _triton() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    return _build()
+
+
+def _build():
+    import triton
+    import triton.language as tl
+
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bm, bn, warps, stages in ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
+                                      (128, 128, 4, 2), (64, 128, 4, 3))
+    ]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+
+    @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE"])
+    @triton.jit
+    def forward(q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, lse_ptr,
+                sq_r, sq_j, sq_h, sk_r, sk_k, sk_h, sv_r, sv_k, sv_h,
+                sb_b, sb_h, sb_j, sb_k, sm_r, so_r, so_j, so_h, sl_r, sl_h,
+                n_rows, rows_per_batch, rows_per_group, n_j, n_k, scale,
+                HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+        # Programs in groups of rows: consecutive programs take the group's rows for one query block, then the
+        # next query block, so the group's keys and values and the bias block in use are read from L2.
+        pid = tl.program_id(0)
+        head = tl.program_id(1)
+        blocks_j = tl.cdiv(n_j, BLOCK_M)
+        per_group = rows_per_group * blocks_j
+        first_row = (pid // per_group) * rows_per_group
+        group_rows = tl.minimum(n_rows - first_row, rows_per_group)
+        row = (first_row + (pid % per_group) % group_rows).to(tl.int64)
+        block_j = (pid % per_group) // group_rows
+        batch = row // rows_per_batch
+        offs_j = block_j * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        in_j = offs_j < n_j
+
+        q = tl.load(q_ptr + row * sq_r + head * sq_h + offs_j[:, None] * sq_j + offs_d[None, :],
+                    mask=in_j[:, None], other=0.0)
+        if UPCAST:  # the interpreter's dot mishandles bfloat16 operands
+            q = q.to(tl.float32)
+        k_base = k_ptr + row * sk_r + head * sk_h
+        v_base = v_ptr + row * sv_r + head * sv_h
+        b_base = bias_ptr + batch * sb_b + head * sb_h + offs_j[:, None] * sb_j
+        m_base = mask_ptr + row * sm_r
+
+        run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        run_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        qk_scale = scale * 1.4426950408889634
+        for start in range(0, n_k, BLOCK_N):
+            offs_k = start + offs_n
+            in_k = offs_k < n_k
+            k = tl.load(k_base + offs_k[:, None] * sk_k + offs_d[None, :], mask=in_k[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            bias = tl.load(b_base + offs_k[None, :] * sb_k, mask=in_j[:, None] & in_k[None, :], other=0.0)
+            # the mask (log2 units, -inf past the keys): logits in log2 units, two FMAs per element
+            key_bias = tl.load(m_base + offs_k, mask=in_k, other=float("-inf")) * 1.4426950408889634
+            logits = qk * qk_scale + (bias.to(tl.float32) * 1.4426950408889634 + key_bias[None, :])
+            new_max = tl.maximum(run_max, tl.max(logits, 1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            weights = tl.exp2(logits - safe_max[:, None])
+            alpha = tl.exp2(run_max - safe_max)
+            run_sum = run_sum * alpha + tl.sum(weights, 1)
+            v = tl.load(v_base + offs_k[:, None] * sv_k + offs_d[None, :], mask=in_k[:, None], other=0.0)
+            if UPCAST:  # rounded as the GPU rounds the weights, then multiplied in float32
+                v = v.to(tl.float32)
+                weights = weights.to(v_ptr.dtype.element_ty).to(tl.float32)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
+            run_max = new_max
+
+        empty = run_sum == 0.0
+        norm = tl.where(empty, 1.0, run_sum)
+        out = acc / norm[:, None]
+        tl.store(out_ptr + row * so_r + head * so_h + offs_j[:, None] * so_j + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=in_j[:, None])
+        safe_max = tl.where(run_max == float("-inf"), 0.0, run_max)
+        lse = tl.where(empty, float("-inf"), (safe_max + tl.log2(norm)) * 0.6931471805599453)
+        tl.store(lse_ptr + row * sl_r + head * sl_h + offs_j, lse, mask=in_j)
+
+    return forward
+
+
+def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask_bias: Tensor, scale: float,
+                             rows_per_batch: int) -> tuple[Tensor, Tensor]:
+    """Attention of every row's queries over the same row's keys, with a per-batch [H, J, K] bias.
+
+    q: [R, J, H, D] queries of R rows (R = B x rows, batch-major; any strides with D contiguous);
+    k, v: [R, K, H, D] keys and values of the same rows; bias: [B, H, J, K] triangle bias (any float dtype);
+    mask_bias: [R, K] float32 additive key bias (the mask and padding); scale: multiplies q . k;
+    rows_per_batch: R // B.
+    returns: (o [R, J, H, D] in q's dtype, lse [R, H, J] float32 natural-log sum of exponentials; -inf where
+    a query saw no key).
+    """
+    forward = _triton()
+    if forward is None:
+        raise RuntimeError("the flash triangle-attention kernel needs Triton (pip install triton)")
+    n_rows, n_j, heads, width = q.shape
+    n_k = k.shape[1]
+    if width & (width - 1) or width < 16:
+        raise ValueError(f"the kernel needs a head width that is a power of two >= 16, got {width}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim, strides {tuple(t.stride())}")
+    if bias.shape[1:] != (heads, n_j, n_k) or mask_bias.shape != (n_rows, n_k):
+        raise ValueError(f"bias {tuple(bias.shape)} / mask_bias {tuple(mask_bias.shape)} do not fit q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    mask_bias = mask_bias.float().contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(n_rows, heads, n_j, device=q.device, dtype=torch.float32)
+    if n_rows == 0 or n_j == 0:
+        return out, lse
+
+    # rows per group: their keys and values (per head) within ~16 MiB of L2
+    row_bytes = 2 * n_k * width * k.element_size()
+    rows_per_group = max(1, min(n_rows, 64, (16 << 20) // row_bytes))
+
+    def grid(meta):
+        return (n_rows * -(-n_j // meta["BLOCK_M"]), heads)
+
+    forward[grid](q, k, v, bias, mask_bias, out, lse,
+                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2),
+                  bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3), mask_bias.stride(0),
+                  out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+                  n_rows, rows_per_batch, rows_per_group, n_j, n_k, float(scale),
+                  HEAD_DIM=width, IEEE=q.dtype == torch.float32,
+                  UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32)
+    return out, lse
+
+
+def merge_partial(state: tuple[Tensor, Tensor] | None, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine normalised partial attention over disjoint key sets (one ring step each).
+
+    state: (o [R, J, H, D] float32, lse [R, H, J]) so far, or None; out, lse: this step's.
+    returns the merged (o float32, lse): o = sum_t exp(lse_t - lse) o_t with lse = logsumexp_t lse_t.
+    """
+    if state is None:
+        return out.float(), lse
+    run_out, run_lse = state
+    new_lse = torch.logaddexp(run_lse, lse)
+    new_lse_safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
+    w_run = torch.exp(run_lse - new_lse_safe).transpose(1, 2).unsqueeze(-1)  # [R,H,J] -> [R,J,H,1]
+    w_new = torch.exp(lse - new_lse_safe).transpose(1, 2).unsqueeze(-1)
+    return run_out.mul_(w_run).add_(out.float() * w_new), new_lse

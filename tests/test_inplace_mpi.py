@@ -1,0 +1,170 @@
+"""The in-place inference paths (``add_update``) of the triangle multiplication and the transition.
+
+At 1, 4 and 9 ranks (p = 1, 2, 3) with N not divisible by p, some masked tokens and every parameter perturbed:
+in float64, ``add_update(z)`` equals ``z + module(z)`` on the tile and boltz 2.2.1's ``z + module(z)`` on the
+gathered tensor, and returns z's own storage. In bfloat16 (z stored in it, the fast path) the triangle product
+is contracted in bfloat16 and stays within a stated tolerance of the float64 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import foldcp_hpc.model as ours
+import foldcp_hpc.model.triangular_mult as triangular_mult
+from boltz_reference import float64_reference, relative_error, shared_randn, token_mask
+from conftest import everywhere
+from test_pairformer_parity_mpi import build
+
+pytestmark = pytest.mark.mpi
+
+N = 37  # not divisible by 2 or 3
+B = 1
+C_Z = 8
+EXACT_TOL = 1e-12  # float64: the same operations as z + module(z), chunked differently
+# bfloat16 z: relative Frobenius error of z + update against float64, and of the update alone (which carries the
+# product's bfloat16 rounding without z's to hide it)
+BF16_TOL = 1e-2
+BF16_UPDATE_TOL = 2e-2
+UPDATE_SCALE = 40.0
+
+TRIANGLE_MULTIPLICATIONS = {
+    "outgoing": ("TriangleMultiplicationOutgoing", ours.TriangleMultiplicationOutgoing, 1),
+    "incoming": ("TriangleMultiplicationIncoming", ours.TriangleMultiplicationIncoming, 2),
+}
+
+
+def pair_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z: [B, N, N, C_Z] and the pair mask [B, N, N] of some masked tokens, float64, the same on every rank."""
+    mask = token_mask(B, N, seed + 1)
+    return shared_randn(B, N, N, C_Z, seed=seed), mask[:, :, None] * mask[:, None, :]
+
+
+def build_triangle_multiplication(grid, direction: str):
+    from boltz.model.layers import triangular_mult as boltz_triangular_mult
+
+    name, cls, seed = TRIANGLE_MULTIPLICATIONS[direction]
+    return build(getattr(boltz_triangular_mult, name), cls, (C_Z,), {}, grid, seed=seed)
+
+
+def frobenius_error(ours_: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours_.double() - ref).norm() / ref.norm())
+
+
+def check_in_place(grid, ref, mine, call_ref, call_ours, add_update, seed):
+    """add_update on the tile against z + module(z) on the tile (ours) and on the whole tensor (boltz's)."""
+    z, pair_mask = pair_inputs(seed)
+    with torch.no_grad(), float64_reference():
+        expected = z + call_ref(ref, z, pair_mask)
+    tile, mask_tile = grid.scatter_pair(z).clone(), grid.scatter_pair(pair_mask)
+    with torch.no_grad():
+        tile_expected = tile + call_ours(mine, tile, mask_tile)
+        storage = tile.data_ptr()
+        out = add_update(mine, tile, mask_tile)
+    errors = {"against z + module(z)": relative_error(out, tile_expected),
+              "against boltz": relative_error(grid.gather_pair(out, N), expected)}
+    bad = {name: err for name, err in errors.items() if not err <= EXACT_TOL}
+    assert everywhere(grid, not bad), f"rank {grid.rank}: {bad}"
+    assert everywhere(grid, out.data_ptr() == storage), f"rank {grid.rank}: add_update returned new storage"
+
+
+@pytest.mark.parametrize("direction", ["outgoing", "incoming"])
+def test_triangle_multiplication_add_update(grid, direction):
+    ref, mine = build_triangle_multiplication(grid, direction)
+    check_in_place(grid, ref, mine, lambda m, z, pm: m(z, mask=pm), lambda m, z, pm: m(z, mask=pm),
+                   lambda m, z, pm: m.add_update(z, pm), seed=10 * TRIANGLE_MULTIPLICATIONS[direction][2])
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_transition_add_update(grid, chunk):
+    from boltz.model.layers.transition import Transition as Ref
+
+    ref, mine = build(Ref, lambda *a, grid: ours.Transition(*a), (C_Z, 4 * C_Z), {}, grid, seed=5)
+    check_in_place(grid, ref, mine, lambda m, z, pm: m(z, chunk_size=chunk), lambda m, z, pm: m(z, chunk),
+                   lambda m, z, pm: m.add_update(z, chunk), seed=50)
+
+
+def test_add_update_refuses_autograd(grid):
+    """With autograd on, parameters requiring grad (or z requiring it) make add_update refuse; off, it runs."""
+    _, mine = build_triangle_multiplication(grid, "outgoing")
+    transition = ours.Transition(C_Z, 4 * C_Z).double()
+    z, pair_mask = pair_inputs(seed=60)
+    tile, mask_tile = grid.scatter_pair(z).clone(), grid.scatter_pair(pair_mask)
+    for module, call in ((mine, lambda t: mine.add_update(t, mask_tile)), (transition, transition.add_update)):
+        with pytest.raises(ValueError, match="autograd is on"):
+            call(tile)
+        module.requires_grad_(False)
+        with pytest.raises(ValueError, match="the input"):
+            call(tile.clone().requires_grad_())
+        call(tile)
+
+
+@pytest.mark.parametrize("direction", ["outgoing", "incoming"])
+@pytest.mark.parametrize("params", ["float32 under autocast", "bfloat16"])
+def test_triangle_multiplication_bfloat16(grid, monkeypatch, direction, params):
+    """z stored in bfloat16: a, b and the product in bfloat16 (one GEMM dtype), close to float64.
+
+    "float32 under autocast" is Boltz's mixed precision (float32 parameters, autocast to bfloat16); "bfloat16"
+    is a module cast to bfloat16 without autocast. Both forward and add_update are checked.
+    """
+    ref, mine64 = build_triangle_multiplication(grid, direction)
+    with torch.no_grad():  # an update about as large as z (3% of it as built), so that its own error shows
+        ref.p_out.weight.mul_(UPDATE_SCALE)
+    mine = type(mine64)(C_Z, grid=grid).eval()
+    mine.load_state_dict(ref.state_dict())
+    if params == "bfloat16":
+        mine = mine.to(torch.bfloat16)
+    z, pair_mask = pair_inputs(seed=70)
+    with torch.no_grad(), float64_reference():
+        update_ref = ref(z, mask=pair_mask)
+    z_low = z.to(torch.bfloat16)
+    tile = grid.scatter_pair(z_low)
+    mask_tile = grid.scatter_pair(pair_mask).float()
+
+    contracted = []
+    contract = triangular_mult.tile_matmul
+
+    def recording(a, b, grid_):
+        contracted.append((a.dtype, b.dtype))
+        return contract(a, b, grid_)
+
+    monkeypatch.setattr(triangular_mult, "tile_matmul", recording)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=params != "bfloat16")
+    with torch.no_grad(), autocast:
+        update = mine(tile, mask_tile)
+        out = mine.add_update(tile.clone(), mask_tile)
+    expected = z + update_ref
+    z_stored = z_low.double()  # the update is measured from the z the module saw
+    errors = {"forward update": frobenius_error(grid.gather_pair(update, N), update_ref),
+              "add_update": frobenius_error(grid.gather_pair(out, N), expected),
+              "add_update's update": frobenius_error(grid.gather_pair(out, N).double() - z_stored, update_ref)}
+    tolerances = {"forward update": BF16_UPDATE_TOL, "add_update": BF16_TOL, "add_update's update": BF16_UPDATE_TOL}
+    bad = {name: err for name, err in errors.items() if not err <= tolerances[name]}
+    dtypes = {dtype for pair in contracted for dtype in pair} | {update.dtype, out.dtype}
+    assert everywhere(grid, not bad), f"rank {grid.rank}: {bad}"
+    # on one rank add_update's GEMM writes straight into the product (no tile_matmul call)
+    assert everywhere(grid, len(contracted) >= 1 and dtypes == {torch.bfloat16}), f"rank {grid.rank}: {dtypes}"
+
+
+def test_float32_contraction_under_autocast(grid, monkeypatch):
+    """float32 z under bfloat16 autocast (Boltz's mixed precision) still contracts in float32, on one rank too."""
+    _, mine64 = build_triangle_multiplication(grid, "outgoing")
+    mine = type(mine64)(C_Z, grid=grid).eval()
+    mine.load_state_dict(mine64.state_dict())
+    z, pair_mask = pair_inputs(seed=80)
+    tile, mask_tile = grid.scatter_pair(z.float()), grid.scatter_pair(pair_mask).float()
+    products = []
+    matmul = torch.matmul
+
+    def recording(a, b, *args, **kwargs):
+        out = matmul(a, b, *args, **kwargs)
+        products.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch, "matmul", recording)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        update = mine(tile, mask_tile)
+    monkeypatch.undo()
+    assert everywhere(grid, update.dtype == torch.bfloat16 and set(products) == {torch.float32}), \
+        f"rank {grid.rank}: update {update.dtype}, products {products}"
