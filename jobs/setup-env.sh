@@ -94,9 +94,9 @@ h5py_ok || die "h5py in .venv is not built with MPI (h5py.get_config().mpi is Fa
 say "h5py $h5py_version with MPI"
 
 # 5. boltz, biotite, test tools, the project --------------------------------------------------------------------
-if ! "$vpy" -c "import boltz, biotite, matplotlib, pytest, pytest_mpi, foldcp_hpc; from importlib.metadata import version; assert version('boltz') == '2.2.1'" 2>/dev/null \
+if ! "$vpy" -c "import boltz, biotite, matplotlib, pytest, pytest_mpi, triton, foldcp_hpc; from importlib.metadata import version; assert version('boltz') == '2.2.1'" 2>/dev/null \
    || [ "$repo/setup.cfg" -nt "$venv/.foldcp-installed" ]; then
-  say "installing boltz 2.2.1, biotite, matplotlib, pytest, pytest-mpi and foldcp_hpc (editable)"
+  say "installing boltz 2.2.1, biotite, matplotlib, pytest, pytest-mpi, triton and foldcp_hpc (editable)"
   pip install -c "$constraints" "boltz==2.2.1" -e "$repo[test,plot]"
   touch "$venv/.foldcp-installed"
 fi

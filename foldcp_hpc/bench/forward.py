@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ccd-cache", default="~/.cache/foldcp_hpc/ccd")
     parser.add_argument("--json", help="write the rows here (rank 0; rewritten after every size)")
+    parser.add_argument("--features-dir", help="keep the featurized inputs here (gzipped pickles, one per N): read "
+                        "when present, else made and written; so a machine without boltz's data dependencies or "
+                        "the CCD (a GPU node) runs what another one featurized")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,9 +143,7 @@ def run(args: argparse.Namespace) -> int:
         for n in sizes:
             package = None
             if grid.rank == 0:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = write_input(Path(tmp), n, args.msa_rows, seed=args.seed)
-                    package = _featurize(path, Path(args.ccd_cache).expanduser(), with_boltz="boltz" in impls)
+                package = _features(args, n, "boltz" in impls, write_input, _featurize)
             features, boltz_feats = world.bcast(package, root=0) if world.Get_size() > 1 else package
             common = {"n": features.n_tokens, "atoms": int(features.atom["atom_pad_mask"].sum()),
                       "msa_rows": args.msa_rows, "dtype": dtype_name, "device_name": name,
@@ -191,6 +192,29 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps({"rows": rows, "trunk_check": checks}, indent=2))
     return 0
+
+
+def _features(args, n: int, with_boltz: bool, write_input, featurize):
+    """(ours, boltz's or None) features of the synthetic protein of n residues, through ``--features-dir``."""
+    import gzip
+    import pickle
+
+    cached = None
+    if args.features_dir:
+        cached = Path(args.features_dir) / f"forward-n{n}-msa{args.msa_rows}-seed{args.seed}.pkl.gz"
+        if cached.exists():
+            with gzip.open(cached, "rb") as handle:
+                features, boltz_feats = pickle.load(handle)
+            if boltz_feats is not None or not with_boltz:
+                return features, (boltz_feats if with_boltz else None)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_input(Path(tmp), n, args.msa_rows, seed=args.seed)
+        package = featurize(path, Path(args.ccd_cache).expanduser(), with_boltz=with_boltz)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(cached, "wb", compresslevel=3) as handle:
+            pickle.dump(package, handle)
+    return package
 
 
 _HEADER = (f"{'N':>6} {'atoms':>6} {'impl':<6} {'ranks':>5} {'seconds':>9} {'peak GiB/rank max':>17} "

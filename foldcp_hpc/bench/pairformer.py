@@ -71,7 +71,7 @@ def run_worker(args: argparse.Namespace) -> None:
                      "peak_bytes": peaks, "seconds": seconds, "device_name": name, "dtype": args.dtype,
                      **({} if args.quick else comm_breakdown(grid, ours))})
         if grid.world_size == 1 and not args.no_boltz:
-            rows.append(_boltz_row(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name))
+            rows.extend(_boltz_rows(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name))
     if grid.rank == 0:
         Path(args.out).write_text(json.dumps(rows))
 
@@ -93,19 +93,36 @@ def comm_breakdown(grid, fn) -> dict:
             "clocked_seconds": grid.comm.allreduce(total, op=_max())}
 
 
-def _boltz_row(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name) -> dict:
+def _boltz_rows(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name) -> list[dict]:
+    """boltz's layer on the same input and weights: pure PyTorch, and with cuEquivariance's kernels
+    (``use_kernels=True``) too where ``cuequivariance_torch`` imports on a GPU."""
     from boltz.model.layers.pairformer import PairformerLayer as BoltzLayer
 
     ref = BoltzLayer(args.c_s, args.c_z, v2=True).to(device=device, dtype=layer.pre_norm_s.weight.dtype).eval()
     ref.load_state_dict(layer.state_dict())
+    variants = {"boltz": False}
+    if device.type == "cuda":
+        try:
+            import cuequivariance_torch  # noqa: F401
 
-    def boltz():
-        with _autocast(device, dtype):
-            return ref(s, z, mask, pair_mask, chunk)
+            variants["boltz+cuEq"] = True
+        except ImportError:
+            pass
+    rows = []
+    for impl, kernels in variants.items():
+        def boltz():
+            with _autocast(device, dtype):
+                return ref(s, z, mask, pair_mask, chunk, use_kernels=kernels)
 
-    _, peak, seconds = profile(boltz, device, args.repeats)
-    return {"impl": "boltz", "ranks": 1, "grid": "-", "n": args.n, "peak_bytes": [peak], "seconds": seconds,
-            "device_name": name, "dtype": args.dtype}
+        try:
+            _, peak, seconds = profile(boltz, device, args.repeats)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"{impl}: out of memory at N={args.n}", flush=True)
+            continue
+        rows.append({"impl": impl, "ranks": 1, "grid": "-", "n": args.n, "peak_bytes": [peak], "seconds": seconds,
+                     "device_name": name, "dtype": args.dtype})
+    return rows
 
 
 def _max():
