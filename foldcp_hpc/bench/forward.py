@@ -255,12 +255,29 @@ def _ours_forward(model, features, args, device, autocast):
     """:meth:`FoldModel.predict` as ``foldcp-hpc run`` calls it; returns the distogram logits tile."""
     import torch
 
+    stages: dict[str, float] = {}
+    clock = {"stage": None, "since": 0.0}
+
+    def progress(stage, done, total, detail=""):  # seconds per stage (synchronised at each change of stage)
+        if stage != clock["stage"]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            if clock["stage"] is not None:
+                stages[clock["stage"]] = stages.get(clock["stage"], 0.0) + now - clock["since"]
+            clock.update(stage=stage, since=now)
+
     def forward():
+        stages.clear()
+        clock.update(stage=None)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         with autocast():
             prediction = model.predict(features, recycling_steps=args.recycles, sampling_steps=args.steps,
                                        diffusion_samples=args.samples, max_parallel_samples=args.samples,
-                                       generator=generator, dtype=torch.float32)
+                                       generator=generator, dtype=torch.float32, progress=progress)
+        progress("end", 0, 0)
+        if model.grid.rank == 0:
+            print("  ours by stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()), flush=True)
         return prediction.trunk.distogram
 
     return forward

@@ -1,7 +1,7 @@
 """``python -m foldcp_hpc.bench.layer_parts --n 4096``: where one Pairformer layer's time goes on one GPU.
 
 Times each part of our layer (inference, in place, z stored in bfloat16 under autocast) with CUDA events:
-the two triangle multiplications, the two triangle attentions, the pair transition and the single track, and
+(z stored in ``--dtype``, bfloat16 autocast unless ``--no-autocast``): the two triangle multiplications, the two triangle attentions, the pair transition and the single track, and
 prints seconds, share and the peak memory each part holds above z.
 """
 
@@ -19,7 +19,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m foldcp_hpc.bench.layer_parts")
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="z's storage dtype")
+    parser.add_argument("--no-autocast", action="store_true", help="float32 without autocast")
     parser.add_argument("--profile", default="", help="comma-separated parts to profile (CUDA kernel table)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -34,7 +35,7 @@ def main(argv=None) -> None:
         mask = torch.ones(1, n, device=device)
         pair_mask = torch.ones(1, n, n, device=device)
         chunk = tri_attn_chunk_size(n, False)
-        auto = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+        auto = torch.autocast("cuda", dtype=torch.bfloat16, enabled=not args.no_autocast)
         parts = {
             "tri_mul_out": lambda: layer.tri_mul_out.add_update(z, pair_mask),
             "tri_mul_in": lambda: layer.tri_mul_in.add_update(z, pair_mask),

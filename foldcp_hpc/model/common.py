@@ -81,9 +81,20 @@ def row_chunks(n_rows: int, rows_per_chunk: int) -> list[slice]:
     return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
+# Chunked inference never cuts a transient below this many elements: on small tiles the fractions of a tile
+# would mean hundreds of tiny chunks, each a handful of kernel launches (launch-bound on a GPU).
+CHUNK_FLOOR = 1 << 24
+
+
 def rows_within(budget_elements: float, elements_per_row: int, n_rows: int) -> int:
     """How many rows fit a transient of ``budget_elements`` (at least 1, at most ``n_rows``)."""
     return max(1, min(n_rows, int(budget_elements // max(1, elements_per_row))))
+
+
+def inference_rows(fraction_of_tile: float, tile_elements: int, elements_per_row: int, n_rows: int) -> int:
+    """Rows per chunk for an in-place inference path: a transient within ``fraction_of_tile`` of the tile, but
+    not below :data:`CHUNK_FLOOR` elements."""
+    return rows_within(max(fraction_of_tile * tile_elements, CHUNK_FLOOR), elements_per_row, n_rows)
 
 
 class ChunkWriter:

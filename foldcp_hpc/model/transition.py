@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .common import ChunkWriter, layer_norm, refuse_autograd, row_chunks, rows_within
+from .common import ChunkWriter, inference_rows, layer_norm, refuse_autograd, row_chunks, rows_within
 
 # The [..., hidden] activations of one row chunk stay within this fraction of the input's size.
 HIDDEN_BUDGET = 0.5
@@ -59,7 +59,7 @@ class Transition(nn.Module):
         if x.dim() < 3:
             return x.add_(self._mlp(x, chunk_size))
         per_row = x[:, :1].numel() // x.shape[-1] * self.hidden
-        for rows in row_chunks(x.shape[1], rows_within(INPLACE_HIDDEN_BUDGET * x.numel(), per_row, x.shape[1])):
+        for rows in row_chunks(x.shape[1], inference_rows(INPLACE_HIDDEN_BUDGET, x.numel(), per_row, x.shape[1])):
             x[:, rows].add_(self._mlp(x[:, rows], chunk_size))
         return x
 

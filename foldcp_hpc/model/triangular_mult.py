@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..distributed import autograd as cp
 from ..distributed.matmul import tile_matmul
-from .common import ChunkWriter, layer_norm, refuse_autograd, row_chunks
+from .common import ChunkWriter, inference_rows, layer_norm, refuse_autograd, row_chunks
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -106,12 +106,21 @@ class _TriangleMultiplication(nn.Module):
         """
         refuse_autograd(self, z)
         dim, dtype = self.dim, contraction_dtype(z.dtype)
-        chunks = row_chunks(z.shape[1], -(-z.shape[1] // INPLACE_ROW_FRACTION))
+        per_row = z[:, :1].numel() * 4 // INPLACE_CHANNEL_GROUPS  # a chunk's four projections of a group
+        chunks = row_chunks(z.shape[1], inference_rows(4 / INPLACE_CHANNEL_GROUPS / INPLACE_ROW_FRACTION, z.numel(),
+                                                       per_row, z.shape[1]))
 
-        # Triangular projection into product[d] = [B,I,J] for the channels d of each group
+        # Triangular projection into product[d] = [B,I,J] for the channels d of each group. Under CUDA autocast a
+        # float32 tile's operands are bfloat16 values already (the projections ran under autocast; Boltz's
+        # ``.float()`` widens them exactly), so one rank keeps them in bfloat16 and has the tensor-core GEMM
+        # accumulate and write float32: Boltz's float32 product, summed in another order.
+        operand = dtype
+        if (dtype == torch.float32 and z.is_cuda and self.grid.p == 1 and torch.is_autocast_enabled("cuda")
+                and torch.get_autocast_dtype("cuda") in LOW_PRECISION):
+            operand = torch.get_autocast_dtype("cuda")
         product = z.new_empty((dim, *z.shape[:3]), dtype=dtype)
         for group in row_chunks(dim, -(-dim // INPLACE_CHANNEL_GROUPS)):
-            self._contract(*self._operands(z, mask, group, chunks, dtype), out=product[group])
+            self._contract(*self._operands(z, mask, group, chunks, operand), out=product[group])
 
         # Output gating, in row chunks; each chunk's gate reads z's rows before the update is added to them
         for rows in chunks:
@@ -157,7 +166,11 @@ class _TriangleMultiplication(nn.Module):
             if out is None:
                 return tile_matmul(a, b, grid)
             if grid.p == 1:  # the GEMM writes into ``out`` (contiguous): no result buffer of its own
-                torch.bmm(a.flatten(0, 1), b.flatten(0, 1), out=out.view(-1, *out.shape[-2:]))
+                view = out.view(-1, *out.shape[-2:])
+                if a.dtype == out.dtype:
+                    torch.bmm(a.flatten(0, 1), b.flatten(0, 1), out=view)
+                else:  # low-precision operands, float32 accumulation and result (CUDA)
+                    view.copy_(torch.bmm(a.flatten(0, 1), b.flatten(0, 1), out_dtype=out.dtype))
                 return out
             return out.copy_(tile_matmul(a, b, grid))
 
