@@ -29,7 +29,9 @@ def _kernel():
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, C)
         inside = rows[:, None] < n_rows
-        x = tl.load(x_ptr + rows[:, None] * sx_m + cols[None, :] * sx_c, mask=inside, other=0.0).to(tl.float32)
+        # 64-bit offsets: a channel-first input's channel stride times C passes 2^31 beyond N ~ 4,100
+        offsets = rows[:, None] * sx_m + cols[None, :].to(tl.int64) * sx_c
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
         mean = tl.sum(x, 1) / C
         centred = x - mean[:, None]
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)

@@ -73,7 +73,7 @@ def _build():
         # Programs in groups of rows: consecutive programs take the group's rows for one query block, then the
         # next query block, so the group's keys and values and the bias block in use are read from L2.
         pid = tl.program_id(0)
-        head = tl.program_id(1)
+        head = tl.program_id(1).to(tl.int64)  # head x (J x K) bias stride: 64-bit at large N
         blocks_j = tl.cdiv(n_j, BLOCK_M)
         per_group = rows_per_group * blocks_j
         first_row = (pid // per_group) * rows_per_group
