@@ -91,6 +91,18 @@ def rows_within(budget_elements: float, elements_per_row: int, n_rows: int) -> i
     return max(1, min(n_rows, int(budget_elements // max(1, elements_per_row))))
 
 
+INFERENCE_FRACTION = 1 / 16  # without autograd, row chunks of whole-tile computations stay within this fraction
+
+
+def chunk_rows(fraction_of_tile: float, tile_elements: int, elements_per_row: int, n_rows: int) -> int:
+    """Rows per chunk of a row-chunked tile computation whose widest intermediate takes ``elements_per_row``
+    per row: within ``fraction_of_tile`` of the tile under autograd (where the chunks' intermediates are kept for
+    the backward anyway), within :data:`INFERENCE_FRACTION` of it (but not below :data:`CHUNK_FLOOR`) without."""
+    if torch.is_grad_enabled():
+        return rows_within(fraction_of_tile * tile_elements, elements_per_row, n_rows)
+    return inference_rows(min(fraction_of_tile, INFERENCE_FRACTION), tile_elements, elements_per_row, n_rows)
+
+
 def inference_rows(fraction_of_tile: float, tile_elements: int, elements_per_row: int, n_rows: int) -> int:
     """Rows per chunk for an in-place inference path: a transient within ``fraction_of_tile`` of the tile, but
     not below :data:`CHUNK_FLOOR` elements."""

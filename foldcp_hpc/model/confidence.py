@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..distributed import autograd as cp
 from ..distributed import collectives as raw
-from .common import ChunkWriter, row_chunks, rows_within
+from .common import ChunkWriter, chunk_rows, row_chunks
 from .pair_init import (N_BOND_TYPES, ContactConditioning, RelativePositionEncoder, _block, pair_feature_rows,
                         tile_tokens)
 from .pairformer import PairformerModule
@@ -259,7 +259,7 @@ class ConfidenceModule(nn.Module):
         n = z.shape[1]
         per_row = z.shape[0] * n * (z.shape[-1] + 4 * 33 + 7)
         writer = ChunkWriter(dim=1, size=n)
-        for sl in row_chunks(n, rows_within(CHUNK_BUDGET * z.numel(), per_row, n)):
+        for sl in row_chunks(n, chunk_rows(CHUNK_BUDGET, z.numel(), per_row, n)):
             out = self.z_norm(z[:, sl])
             if self.add_z_input_to_z:
                 out = out + pair_feature_rows(self, rows, cols, any_cyclic, pair, sl, out.dtype)[0]

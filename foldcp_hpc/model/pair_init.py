@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed.layout import TileLayout
-from .common import ChunkWriter, row_chunks, rows_within
+from .common import ChunkWriter, chunk_rows, row_chunks
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -181,13 +181,14 @@ class PairInitializer(nn.Module):
         rows, cols, any_cyclic = tile_tokens(token, self.grid, n_tokens)
         return lambda sl: self.rel_pos({k: v[:, sl] for k, v in rows.items()}, cols, any_cyclic)
 
-    def forward(self, s_inputs: Tensor, token: dict[str, Tensor], pair: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, s_inputs: Tensor, token: dict[str, Tensor], pair: dict[str, Tensor],
+                with_relative: bool = True) -> tuple[Tensor, Tensor | None]:
         """s_inputs: [B, N, C_s] replicated; token: 1-D token features ``[B, N]`` (``asym_id``, ``residue_index``,
         ``entity_id``, ``token_index``, ``sym_id``, ``cyclic_period``) replicated; pair: this rank's tile of the
         pair features ``[B, n, n]`` (``token_bonds``, ``type_bonds``, ``contact_class``, ``contact_threshold``).
 
         returns: (z_init [B, n, n, C_z] pair tile (row-block r, col-block c), relative position encoding of the
-        same tile, which the diffusion conditioning reuses).
+        same tile, which the diffusion conditioning reuses; None when ``with_relative`` is False).
         """
         grid = self.grid
         layout = grid.layout(s_inputs.shape[1])
@@ -198,12 +199,13 @@ class PairInitializer(nn.Module):
 
         batch = s_inputs.shape[0]
         width = 4 * (self.rel_pos.r_max + 1) + 2 * (self.rel_pos.s_max + 1) + 1
-        rows_per_chunk = rows_within(CHUNK_BUDGET * batch * n * n * self.token_z, batch * n * width, n)
+        rows_per_chunk = chunk_rows(CHUNK_BUDGET, batch * n * n * self.token_z, batch * n * width, n)
         z_out, rel_out = ChunkWriter(dim=1, size=n), ChunkWriter(dim=1, size=n)
         for sl in row_chunks(n, rows_per_chunk):
             z = z_rows[:, sl, None] + z_cols[:, None, :]
             terms, rel = pair_feature_rows(self, rows, cols, any_cyclic, pair, sl, z.dtype)
             z = z + terms
             z_out.put(sl, z)
-            rel_out.put(sl, rel)
-        return z_out.result(), rel_out.result()
+            if with_relative:
+                rel_out.put(sl, rel)
+        return z_out.result(), (rel_out.result() if with_relative else None)

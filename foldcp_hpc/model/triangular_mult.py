@@ -119,7 +119,9 @@ class _TriangleMultiplication(nn.Module):
                 and torch.get_autocast_dtype("cuda") in LOW_PRECISION):
             operand = torch.get_autocast_dtype("cuda")
         product = z.new_empty((dim, *z.shape[:3]), dtype=dtype)
-        for group in row_chunks(dim, -(-dim // INPLACE_CHANNEL_GROUPS)):
+        # on a grid each group's Cannon ring holds skewed, in-flight and result copies: smaller groups there
+        groups = INPLACE_CHANNEL_GROUPS if self.grid.p == 1 else 4 * INPLACE_CHANNEL_GROUPS
+        for group in row_chunks(dim, -(-dim // groups)):
             self._contract(*self._operands(z, mask, group, chunks, operand), out=product[group])
 
         # Output gating, in row chunks; each chunk's gate reads z's rows before the update is added to them

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.boltz2_hparams import embedder_args
+from .common import chunk_rows, layer_norm, row_chunks
 from .distogram import DistogramModule
 from .input_embedder import InputEmbedder
 from .msa_module import MSAModule
@@ -110,7 +111,7 @@ class Trunk(nn.Module):
         pair_mask = (padded[:, layout.block(grid.row), None] * padded[:, None, layout.block(grid.col)])
 
         s_init = self.s_init(s_inputs)
-        z_init = self.pair_init(s_inputs, token, pair)[0]  # the relative-position tile is not kept
+        z_init = self.pair_init(s_inputs, token, pair, with_relative=False)[0]  # no relative-position tile kept
         s = torch.zeros_like(s_init)
         z = torch.zeros_like(z_init)
         first = 0 if start is None else start.recycle
@@ -119,10 +120,10 @@ class Trunk(nn.Module):
                 s, z, begin = start.s, start.z, start.blocks
             else:
                 s = s_init + self.s_recycle(self.s_norm(s))
-                z = z_init + self.z_recycle(self.z_norm(z))
+                z = self._recycled(z_init, z)
                 if self.use_templates:
-                    z = z + self.template_module(z, template, pair_mask, n_tokens=n_tokens)
-                z = z + self.msa_module(z, s_inputs, msa, pair_mask, n_rows=n_msa_rows)
+                    z = _plus(z, self.template_module(z, template, pair_mask, n_tokens=n_tokens))
+                z = _plus(z, self.msa_module(z, s_inputs, msa, pair_mask, n_rows=n_msa_rows))
                 begin = 0
             hook = None if on_block is None else (
                 lambda done, s_, z_, recycle=recycle: on_block(TrunkPosition(recycle, done, s_, z_)))
@@ -130,6 +131,24 @@ class Trunk(nn.Module):
                                           inplace=True)
         return self.output(s_inputs, s, z)
 
+    def _recycled(self, z_init: Tensor, z: Tensor) -> Tensor:
+        """z_init + z_recycle(z_norm(z)); without autograd into z's own storage, a chunk of rows at a time
+        (z is the previous recycle's output, not used again)."""
+        if torch.is_grad_enabled():
+            return z_init + self.z_recycle(self.z_norm(z))
+        for rows in row_chunks(z.shape[1], chunk_rows(1.0, z.numel(), z[:, :1].numel(), z.shape[1])):
+            update = self.z_recycle(layer_norm(self.z_norm, z[:, rows]))
+            z[:, rows] = update.add_(z_init[:, rows]) if update.dtype == z.dtype else z_init[:, rows] + update
+        return z
+
     def output(self, s_inputs: Tensor, s: Tensor, z: Tensor) -> TrunkOutput:
         """The trunk's output from its final s and z (the distogram head applied)."""
         return TrunkOutput(s_inputs, s, z, self.distogram_module(z))
+
+
+def _plus(z: Tensor, update: Tensor) -> Tensor:
+    """z + update; without autograd into the storage of ``update`` (a module's fresh output) when the dtypes
+    agree, so that no third tile is made."""
+    if torch.is_grad_enabled() or update.dtype != z.dtype or update.shape != z.shape:
+        return z + update
+    return update.add_(z)
