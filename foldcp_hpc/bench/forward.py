@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ccd-cache", default="~/.cache/foldcp_hpc/ccd")
     parser.add_argument("--json", help="write the rows here (rank 0; rewritten after every size)")
+    parser.add_argument("--stage-peaks", action="store_true",
+                        help="also the device's peak within each of our stages (resets the peak counter at each "
+                             "stage: the table's peak columns then hold the last stage's only)")
     parser.add_argument("--features-dir", help="keep the featurized inputs here (gzipped pickles, one per N): read "
                         "when present, else made and written; so a machine without boltz's data dependencies or "
                         "the CCD (a GPU node) runs what another one featurized")
@@ -258,17 +261,25 @@ def _ours_forward(model, features, args, device, autocast):
     stages: dict[str, float] = {}
     clock = {"stage": None, "since": 0.0}
 
-    def progress(stage, done, total, detail=""):  # seconds per stage (synchronised at each change of stage)
+    peaks: dict[str, float] = {}
+
+    def progress(stage, done, total, detail=""):  # seconds (and peaks) per stage, synchronised at changes
         if stage != clock["stage"]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
             if clock["stage"] is not None:
                 stages[clock["stage"]] = stages.get(clock["stage"], 0.0) + now - clock["since"]
+                if device.type == "cuda" and args.stage_peaks:
+                    peak = torch.cuda.max_memory_allocated(device) / GIB
+                    peaks[clock["stage"]] = max(peaks.get(clock["stage"], 0.0), peak)
+            if device.type == "cuda" and args.stage_peaks:
+                torch.cuda.reset_peak_memory_stats(device)
             clock.update(stage=stage, since=now)
 
     def forward():
         stages.clear()
+        peaks.clear()
         clock.update(stage=None)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         with autocast():
@@ -277,7 +288,8 @@ def _ours_forward(model, features, args, device, autocast):
                                        generator=generator, dtype=torch.float32, progress=progress)
         progress("end", 0, 0)
         if model.grid.rank == 0:
-            print("  ours by stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()), flush=True)
+            print("  ours by stage: " + ", ".join(f"{k} {v:.1f} s" + (f" ({peaks[k]:.1f} GiB)" if k in peaks else "")
+                                                  for k, v in stages.items()), flush=True)
         return prediction.trunk.distogram
 
     return forward

@@ -195,8 +195,11 @@ class FoldModel(nn.Module):
             base = self.confidence_module.pair_base(trunk.s_inputs, trunk.z, token, pair)
             for k in range(diffusion_samples):
                 result = self.confidence_module(trunk.s_inputs, trunk.s, trunk.z, coords[k:k + 1], token, atom, pair,
-                                                trunk.distogram[..., 0, :], z_base=base)
+                                                trunk.distogram[..., 0, :], z_base=base,
+                                                consume_base=k == diffusion_samples - 1)
                 result.logits.clear()  # the logits tiles are not kept past the heads
+                if k == diffusion_samples - 1:
+                    base = None  # its storage became the last sample's pair input
                 if gather_pae:
                     pae.append(gather_pair(result.pae[..., None], grid, n_tokens)[..., 0])
                 if gather_pde:

@@ -271,17 +271,18 @@ class ConfidenceModule(nn.Module):
 
     def forward(self, s_inputs: Tensor, s: Tensor, z: Tensor, coords: Tensor, token: dict[str, Tensor],
                 atom: dict[str, Tensor], pair: dict[str, Tensor], distogram_logits: Tensor,
-                z_base: Optional[Tensor] = None) -> SampleConfidence:
+                z_base: Optional[Tensor] = None, consume_base: bool = False) -> SampleConfidence:
         """One sample. s_inputs, s: [B, N, C_s] replicated; z: [B, n, n, C_z] trunk pair tile; coords: [B, M, 3]
         replicated predicted atom coordinates; pair: this rank's pair-feature tile; distogram_logits: [B, n, n,
-        64] tile; z_base: :meth:`pair_base` when already computed for another sample."""
+        64] tile; z_base: :meth:`pair_base` when already computed for another sample; consume_base: z_base is not
+        needed again (the last sample): without autograd this sample's pair input is built in its storage."""
         from .frames import predicted_frame_mask
 
         grid = self.grid
         n_tokens = s.shape[1]
         layout = grid.layout(n_tokens)
         if z_base is None:
-            z_base = self.pair_base(s_inputs, z, token, pair)
+            z_base, consume_base = self.pair_base(s_inputs, z, token, pair), True
         s_inputs_n = self.s_inputs_norm(s_inputs)
         if not self.no_update_s:
             s = self.s_norm(s)
@@ -293,7 +294,12 @@ class ConfidenceModule(nn.Module):
         mode = "use_mm_for_euclid_dist" if n_tokens > 25 else "donot_use_mm_for_euclid_dist"  # Boltz's choice
         d = torch.cdist(_block(x_rep, layout, grid.row), _block(x_rep, layout, grid.col), compute_mode=mode)
         bins = (d.unsqueeze(-1) > self.boundaries).sum(dim=-1).long()
-        z = z_base + self.dist_bin_pairwise_embed(bins)
+        if torch.is_grad_enabled():
+            z = z_base + self.dist_bin_pairwise_embed(bins)
+        else:  # into the last sample's z_base (given up) or a copy, a chunk of rows at a time
+            z = z_base if consume_base else z_base.clone()
+            for rows in row_chunks(z.shape[1], chunk_rows(1.0, z.numel(), z[:, :1].numel(), z.shape[1])):
+                z[:, rows] += self.dist_bin_pairwise_embed(bins[:, rows])
 
         mask = token["token_pad_mask"].to(z.dtype)
         padded = nn.functional.pad(mask, (0, layout.n_pad))
