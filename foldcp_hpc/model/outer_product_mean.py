@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import autograd as cp
-from .common import ChunkWriter, ring, row_chunks, rows_within
+from .common import ChunkWriter, chunk_rows, ring, row_chunks
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -55,7 +55,7 @@ class OuterProductMean(nn.Module):
         batch, _, n_i, width = a.shape
         n_j = b_t.shape[2]
         weight = self.proj_o.weight  # [out, C*D], columns ordered (c, d)
-        rows = rows_within(PRODUCT_BUDGET * batch * n_i * n_j * weight.shape[0], batch * n_j * width * width, n_i)
+        rows = chunk_rows(PRODUCT_BUDGET, batch * n_i * n_j * weight.shape[0], batch * n_j * width * width, n_i)
 
         z = None
         count = None
@@ -68,5 +68,10 @@ class OuterProductMean(nn.Module):
             for sl in row_chunks(n_i, rows):
                 product = torch.einsum("bsic,bsjd->bijcd", a_k[:, :, sl], b_k)  # [B,i,j,C,D]
                 step.put(sl, product.reshape(*product.shape[:3], -1) @ weight.T)
-            z = step.result() if z is None else z + step.result()
-        return z / count.clamp(min=1).unsqueeze(-1) + self.proj_o.bias
+            z = step.result() if z is None else (z + step.result() if z.requires_grad else z.add_(step.result()))
+        if z.requires_grad:
+            return z / count.clamp(min=1).unsqueeze(-1) + self.proj_o.bias
+        mean = z.div_(count.clamp(min=1).unsqueeze(-1)) if z.dtype == torch.promote_types(z.dtype, count.dtype) \
+            else z / count.clamp(min=1).unsqueeze(-1)
+        return mean.add_(self.proj_o.bias) if mean.dtype == torch.promote_types(mean.dtype, self.proj_o.bias.dtype) \
+            else mean + self.proj_o.bias
