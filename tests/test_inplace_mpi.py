@@ -35,14 +35,6 @@ TRIANGLE_MULTIPLICATIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _small_chunks(monkeypatch):
-    """Chunks of a few rows, as large tiles get them (the floor would make every test tile one chunk)."""
-    import foldcp_hpc.model.common as common
-
-    monkeypatch.setattr(common, "CHUNK_FLOOR", 1)
-
-
 def pair_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """z: [B, N, N, C_Z] and the pair mask [B, N, N] of some masked tokens, float64, the same on every rank."""
     mask = token_mask(B, N, seed + 1)

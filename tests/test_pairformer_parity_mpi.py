@@ -131,9 +131,6 @@ def test_triangle_attention_in_place(grid, starting, kernel, monkeypatch):
     the PyTorch ring; float32 through the flash kernel (Triton's interpreter on the CPU; head width 16)."""
     from boltz.model.layers.triangular_attention import attention as boltz_attention
 
-    import foldcp_hpc.model.common as common
-
-    monkeypatch.setattr(common, "CHUNK_FLOOR", 1)  # chunks of a few lines, as large tiles get them
     if kernel:
         pytest.importorskip("triton")
         monkeypatch.setenv("FOLDCP_TRITON", "1")  # conftest chose Triton's interpreter

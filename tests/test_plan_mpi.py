@@ -70,9 +70,9 @@ def test_planned_stage_peaks_match_measured_ones(grid):
 
 
 def test_planned_pairformer_layer_matches_measured(grid):
-    """One Pairformer layer (Boltz-2's sizes) on 64 x 64 tiles, where the triangle multiplication's 4.375 tiles
-    of z dominate: the term that decides the grid for large inputs (docs/performance.md measured the same
-    4.375 tiles on H200s at N = 4096 ... 14,336), checked at a size where the other terms cannot hide it."""
+    """One Pairformer layer (Boltz-2's sizes, in place as the trunk runs it) on 64 x 64 tiles, where the in-place
+    triangle multiplication's tiles dominate: the term that decides the grid for large inputs, checked at a
+    size where the other terms cannot hide it."""
     from mpi4py import MPI
 
     from foldcp_hpc.bench.memory import measure
@@ -88,7 +88,7 @@ def test_planned_pairformer_layer_matches_measured(grid):
     with torch.no_grad(), mmap_every_buffer():
         for _ in range(2):  # the first run fills one-time caches
             grid.barrier()
-            _, peak = measure(lambda: layer(s, z, mask, pair_mask, chunk), grid.device)
+            _, peak = measure(lambda: layer(s, z, mask, pair_mask, chunk, inplace=True), grid.device)
     measured = grid.comm.allreduce(peak, op=MPI.MAX)
     planned = stage_transients(Problem(n_tokens, 8 * n_tokens), grid.p, 4, Architecture())["pairformer"].bytes
     if grid.rank == 0:

@@ -167,8 +167,10 @@ def _print_stage(rows: list[dict], args: argparse.Namespace, stage: str) -> None
                 f"{args.msa_rows} MSA rows, {rows[0].get('atoms', '?')} atoms)")
     print(f"{what}: N={args.n}, C_s={args.c_s}, C_z={args.c_z}, {args.dtype}, "
           f"{args.device}, device of rank 0: {rows[0]['device_name']}")
+    layer = args.command.startswith("pairformer")
     header = (f"{'impl':<11} {'ranks':>5} {'grid':>5} {'peak/rank MiB min':>17} {'median':>8} {'max':>8} "
-              f"{'peak vs p=1':>11} {'time s':>8} {'time vs boltz':>13} {'comm share':>10}")
+              f"{'peak vs p=1':>11} {'time s':>8}{' TFLOP/s' if layer else ''} {'time vs boltz':>13} "
+              f"{'comm share':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -176,8 +178,11 @@ def _print_stage(rows: list[dict], args: argparse.Namespace, stage: str) -> None
         ratio = f"{max(r['peak_bytes']) / max(base['peak_bytes']):.3f}" if base else "-"
         vs_boltz = f"{r['seconds'] / boltz['seconds']:.2f}" if boltz else "-"
         share = f"{r['comm_seconds'] / r['clocked_seconds']:.2f}" if r.get("clocked_seconds") else "-"
+        # one layer: 12 C_z N^3 FLOP (two triangle products, 4 C_z N^3 together; two triangle attentions with
+        # H x D = C_z, 8 C_z N^3): 1,536 N^3 at C_z = 128, the GPU issue's count; summed over all ranks
+        flops = f" {12 * args.c_z * args.n ** 3 / r['seconds'] / 1e12:>7.1f}" if layer else ""
         print(f"{r['impl']:<11} {r['ranks']:>5} {r['grid']:>5} {min(peaks):>17.1f} {statistics.median(peaks):>8.1f} "
-              f"{max(peaks):>8.1f} {ratio:>11} {r['seconds']:>8.3f} {vs_boltz:>13} {share:>10}")
+              f"{max(peaks):>8.1f} {ratio:>11} {r['seconds']:>8.3f}{flops} {vs_boltz:>13} {share:>10}")
     if any(r.get("clocked_seconds") for r in rows):
         print("comm share: seconds in collectives / total, in one extra run with every collective synchronised "
               "(so without overlap), slowest rank")

@@ -1,4 +1,4 @@
-"""``python -m foldcp_hpc.bench.kernel --n 1024,2048,4096``: the flash triangle-attention kernel on one GPU.
+"""``python -m foldcp_hpc.bench.kernel --n 1024,2048,4096``: the flash triangle-attention kernel, one GPU.
 
 Times one whole triangle attention's core (all N rows, H=4 heads of width 32, bfloat16, a [H, N, N] triangle
 bias and a key mask) through :func:`~foldcp_hpc.kernels.triangle_attention.flash_triangle_attention` and

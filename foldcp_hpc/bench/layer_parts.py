@@ -1,7 +1,8 @@
 """``python -m foldcp_hpc.bench.layer_parts --n 4096``: where one Pairformer layer's time goes on one GPU.
 
-Times each part of our layer (inference, in place, z stored in bfloat16 under autocast) with CUDA events:
-(z stored in ``--dtype``, bfloat16 autocast unless ``--no-autocast``): the two triangle multiplications, the two triangle attentions, the pair transition and the single track, and
+Times each part of our layer with CUDA events (inference, in place; z stored in ``--dtype``, bfloat16
+autocast unless ``--no-autocast``): the two triangle multiplications, the two triangle attentions, the pair
+transition and the single track, and
 prints seconds, share and the peak memory each part holds above z.
 """
 
@@ -44,7 +45,8 @@ def main(argv=None) -> None:
             "transition_z": lambda: layer.transition_z.add_update(z),
             "single track": lambda: layer.attention(s=layer.pre_norm_s(s), z=z, mask=mask, k_in=layer.pre_norm_s(s)),
         }
-        print(f"{torch.cuda.get_device_name(device)}, N={n}, z {args.dtype} ({z.numel() * z.element_size() / 2**30:.2f} GiB)")
+        size = z.numel() * z.element_size() / 2**30
+        print(f"{torch.cuda.get_device_name(device)}, N={n}, z {args.dtype} ({size:.2f} GiB)")
         total = 0.0
         rows = []
         for name, fn in parts.items():

@@ -8,7 +8,7 @@ output and every transient included. The stages, in the order a run meets them:
     input_embedder  trunk.input_embedder(token, atom)                           -> s_inputs
     pair_init       trunk.pair_init(s_inputs, token, pair)                      -> (z_init, rel) tiles
     msa_module      trunk.msa_module(z, s_inputs, msa, pair_mask)               -> z tile
-    pairformer      trunk.pairformer_module(s, z, mask, pair_mask)              -> (s, z)
+    pairformer      trunk.pairformer_module(s, z, mask, pair_mask, inplace=True) -> (s, z), z updated in place
     distogram       trunk.distogram_module(z)                                   -> logits tile
     trunk           the whole trunk forward (every stage above, no recycle)     -> TrunkOutput
     conditioning    diffusion_conditioning(s, z, rel, token, atom)              -> Conditioning (kept while sampling)
@@ -121,7 +121,7 @@ def _run_stages(grid, model, features, dtype, stages, samples, seed, warm_up, se
         z_init, rel = run("pair_init", lambda: trunk.pair_init(s_inputs, token, pair))
         s = trunk.s_init(s_inputs)
         z = run("msa_module", lambda: trunk.msa_module(z_init, s_inputs, msa, pair_mask, n_rows=n_rows))
-        s, z = run("pairformer", lambda: trunk.pairformer_module(s, z, mask=mask, pair_mask=pair_mask))
+        s, z = run("pairformer", lambda: trunk.pairformer_module(s, z, mask=mask, pair_mask=pair_mask, inplace=True))
         run("distogram", lambda: trunk.distogram_module(z))
         del s_inputs, z_init, rel, s, z
     if not any(s in stages for s in STAGES[5:]):

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..distributed import autograd as cp
 from ..distributed import collectives as raw
-from .common import PAD_BIAS, ChunkWriter, at_least_f32, block_is_padding, per_token, repeat_samples, row_chunks, rows_within
+from .common import (PAD_BIAS, ChunkWriter, at_least_f32, block_is_padding, per_token, repeat_samples, row_chunks,
+                     rows_within)
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid

@@ -81,8 +81,9 @@ def row_chunks(n_rows: int, rows_per_chunk: int) -> list[slice]:
     return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
-# Chunked inference never cuts a transient below this many elements: on small tiles the fractions of a tile
-# would mean hundreds of tiny chunks, each a handful of kernel launches (launch-bound on a GPU).
+# Chunked inference on a GPU never cuts a transient below this many elements: on small tiles the fractions of
+# a tile would mean hundreds of tiny chunks, each a handful of kernel launches (launch-bound). On the CPU,
+# where an operator costs little beyond its work, the fractions rule at every size.
 CHUNK_FLOOR = 1 << 24
 
 
@@ -94,19 +95,23 @@ def rows_within(budget_elements: float, elements_per_row: int, n_rows: int) -> i
 INFERENCE_FRACTION = 1 / 16  # without autograd, row chunks of whole-tile computations stay within this fraction
 
 
-def chunk_rows(fraction_of_tile: float, tile_elements: int, elements_per_row: int, n_rows: int) -> int:
+def chunk_rows(fraction_of_tile: float, tile_elements: int, elements_per_row: int, n_rows: int,
+               cuda: bool = False) -> int:
     """Rows per chunk of a row-chunked tile computation whose widest intermediate takes ``elements_per_row``
     per row: within ``fraction_of_tile`` of the tile under autograd (where the chunks' intermediates are kept for
-    the backward anyway), within :data:`INFERENCE_FRACTION` of it (but not below :data:`CHUNK_FLOOR`) without."""
+    the backward anyway), within :data:`INFERENCE_FRACTION` of it without (on ``cuda``, not below
+    :data:`CHUNK_FLOOR`)."""
     if torch.is_grad_enabled():
         return rows_within(fraction_of_tile * tile_elements, elements_per_row, n_rows)
-    return inference_rows(min(fraction_of_tile, INFERENCE_FRACTION), tile_elements, elements_per_row, n_rows)
+    return inference_rows(min(fraction_of_tile, INFERENCE_FRACTION), tile_elements, elements_per_row, n_rows, cuda)
 
 
-def inference_rows(fraction_of_tile: float, tile_elements: int, elements_per_row: int, n_rows: int) -> int:
-    """Rows per chunk for an in-place inference path: a transient within ``fraction_of_tile`` of the tile, but
-    not below :data:`CHUNK_FLOOR` elements."""
-    return rows_within(max(fraction_of_tile * tile_elements, CHUNK_FLOOR), elements_per_row, n_rows)
+def inference_rows(fraction_of_tile: float, tile_elements: int, elements_per_row: int, n_rows: int,
+                   cuda: bool = False) -> int:
+    """Rows per chunk for an in-place inference path: a transient within ``fraction_of_tile`` of the tile (on
+    ``cuda``, but not below :data:`CHUNK_FLOOR` elements)."""
+    budget = fraction_of_tile * tile_elements
+    return rows_within(max(budget, CHUNK_FLOOR) if cuda else budget, elements_per_row, n_rows)
 
 
 class ChunkWriter:

@@ -259,7 +259,7 @@ class ConfidenceModule(nn.Module):
         n = z.shape[1]
         per_row = z.shape[0] * n * (z.shape[-1] + 4 * 33 + 7)
         writer = ChunkWriter(dim=1, size=n)
-        for sl in row_chunks(n, chunk_rows(CHUNK_BUDGET, z.numel(), per_row, n)):
+        for sl in row_chunks(n, chunk_rows(CHUNK_BUDGET, z.numel(), per_row, n, z.is_cuda)):
             out = self.z_norm(z[:, sl])
             if self.add_z_input_to_z:
                 out = out + pair_feature_rows(self, rows, cols, any_cyclic, pair, sl, out.dtype)[0]
@@ -298,7 +298,7 @@ class ConfidenceModule(nn.Module):
             z = z_base + self.dist_bin_pairwise_embed(bins)
         else:  # into the last sample's z_base (given up) or a copy, a chunk of rows at a time
             z = z_base if consume_base else z_base.clone()
-            for rows in row_chunks(z.shape[1], chunk_rows(1.0, z.numel(), z[:, :1].numel(), z.shape[1])):
+            for rows in row_chunks(z.shape[1], chunk_rows(1.0, z.numel(), z[:, :1].numel(), z.shape[1], z.is_cuda)):
                 z[:, rows] += self.dist_bin_pairwise_embed(bins[:, rows])
 
         mask = token["token_pad_mask"].to(z.dtype)

@@ -52,7 +52,7 @@ class PairwiseConditioning(nn.Module):
         """z: [B, n, n, C_z] pair tile; rel: the relative-position encoding of the same tile [B, n, n, C_r], or
         a function giving its rows ``sl`` (so that it need not be held whole). returns [B, n, n, C_z]."""
         n = z.shape[1]
-        rows = chunk_rows(CHUNK_BUDGET, z.numel(), 2 * z[:, :1].numel(), n)
+        rows = chunk_rows(CHUNK_BUDGET, z.numel(), 2 * z[:, :1].numel(), n, z.is_cuda)
         writer = ChunkWriter(dim=1, size=n)
         for sl in row_chunks(n, rows):
             writer.put(sl, self.dim_pairwise_init_proj(torch.cat([z[:, sl], _rows(rel, sl).to(z.dtype)], dim=-1)))
@@ -126,7 +126,8 @@ class DiffusionConditioning(nn.Module):
         n = z.shape[1]
         heads = self.token_trans_proj_z[0][1].out_features
         width = heads * len(self.token_trans_proj_z)
-        rows = chunk_rows(CHUNK_BUDGET, z.numel(), z[:, :1].numel() + z.shape[0] * n * width, n)
+        rows = chunk_rows(CHUNK_BUDGET, z.numel(), z[:, :1].numel() + z.shape[0] * n * width, n,
+                          z.is_cuda)
         writer = ChunkWriter(dim=1, size=n)
         for sl in row_chunks(n, rows):
             writer.put(sl, torch.cat([proj(z[:, sl]) for proj in self.token_trans_proj_z], dim=-1))

@@ -55,7 +55,8 @@ class OuterProductMean(nn.Module):
         batch, _, n_i, width = a.shape
         n_j = b_t.shape[2]
         weight = self.proj_o.weight  # [out, C*D], columns ordered (c, d)
-        rows = chunk_rows(PRODUCT_BUDGET, batch * n_i * n_j * weight.shape[0], batch * n_j * width * width, n_i)
+        rows = chunk_rows(PRODUCT_BUDGET, batch * n_i * n_j * weight.shape[0], batch * n_j * width * width, n_i,
+                          m.is_cuda)
 
         z = None
         count = None

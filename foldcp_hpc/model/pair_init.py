@@ -199,7 +199,8 @@ class PairInitializer(nn.Module):
 
         batch = s_inputs.shape[0]
         width = 4 * (self.rel_pos.r_max + 1) + 2 * (self.rel_pos.s_max + 1) + 1
-        rows_per_chunk = chunk_rows(CHUNK_BUDGET, batch * n * n * self.token_z, batch * n * width, n)
+        rows_per_chunk = chunk_rows(CHUNK_BUDGET, batch * n * n * self.token_z, batch * n * width, n,
+                                    s_inputs.is_cuda)
         z_out, rel_out = ChunkWriter(dim=1, size=n), ChunkWriter(dim=1, size=n)
         for sl in row_chunks(n, rows_per_chunk):
             z = z_rows[:, sl, None] + z_cols[:, None, :]

@@ -59,7 +59,8 @@ class Transition(nn.Module):
         if x.dim() < 3:
             return x.add_(self._mlp(x, chunk_size))
         per_row = x[:, :1].numel() // x.shape[-1] * self.hidden
-        for rows in row_chunks(x.shape[1], inference_rows(INPLACE_HIDDEN_BUDGET, x.numel(), per_row, x.shape[1])):
+        for rows in row_chunks(x.shape[1], inference_rows(INPLACE_HIDDEN_BUDGET, x.numel(), per_row, x.shape[1],
+                                                              x.is_cuda)):
             x[:, rows].add_(self._mlp(x[:, rows], chunk_size))
         return x
 

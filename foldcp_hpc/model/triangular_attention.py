@@ -179,7 +179,8 @@ class TriangleAttention(nn.Module):
         per_line = batch * n_queries * (heads * width * 4 + 2 * c_in)
         if not kernel:  # the logits of a chunk, as in :meth:`_starting`
             per_line = max(per_line, batch * heads * n_queries * n_keys * 2)
-        lines = inference_rows(PROJECTION_BUDGET, z.numel(), per_line, n_i if self.starting else n_j)
+        lines = inference_rows(PROJECTION_BUDGET, z.numel(), per_line, n_i if self.starting else n_j,
+                               z.is_cuda)
         if chunk_size is not None and not kernel:
             lines = min(lines, chunk_size)
         for sl in row_chunks(n_i if self.starting else n_j, lines):
@@ -203,7 +204,8 @@ class TriangleAttention(nn.Module):
         ending: b[i, k] = w . LN(z)[k, i] for i in row-block r, every k (gathered along the grid row).
         """
         grid = self.grid
-        lines = inference_rows(PROJECTION_BUDGET, z.numel(), z.shape[0] * z.shape[2] * z.shape[3] * 2, z.shape[1])
+        lines = inference_rows(PROJECTION_BUDGET, z.numel(), z.shape[0] * z.shape[2] * z.shape[3] * 2, z.shape[1],
+                               z.is_cuda)
         bias = ChunkWriter(dim=1, size=z.shape[1])
         for sl in row_chunks(z.shape[1], lines):
             bias.put(sl, self.linear(layer_norm(self.layer_norm, z[:, sl])))

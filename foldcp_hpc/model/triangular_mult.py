@@ -108,7 +108,7 @@ class _TriangleMultiplication(nn.Module):
         dim, dtype = self.dim, contraction_dtype(z.dtype)
         per_row = z[:, :1].numel() * 4 // INPLACE_CHANNEL_GROUPS  # a chunk's four projections of a group
         chunks = row_chunks(z.shape[1], inference_rows(4 / INPLACE_CHANNEL_GROUPS / INPLACE_ROW_FRACTION, z.numel(),
-                                                       per_row, z.shape[1]))
+                                                       per_row, z.shape[1], z.is_cuda))
 
         # Triangular projection into product[d] = [B,I,J] for the channels d of each group. Under CUDA autocast a
         # float32 tile's operands are bfloat16 values already (the projections ran under autocast; Boltz's

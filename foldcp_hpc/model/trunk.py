@@ -136,7 +136,7 @@ class Trunk(nn.Module):
         (z is the previous recycle's output, not used again)."""
         if torch.is_grad_enabled():
             return z_init + self.z_recycle(self.z_norm(z))
-        for rows in row_chunks(z.shape[1], chunk_rows(1.0, z.numel(), z[:, :1].numel(), z.shape[1])):
+        for rows in row_chunks(z.shape[1], chunk_rows(1.0, z.numel(), z[:, :1].numel(), z.shape[1], z.is_cuda)):
             update = self.z_recycle(layer_norm(self.z_norm, z[:, rows]))
             z[:, rows] = update.add_(z_init[:, rows]) if update.dtype == z.dtype else z_init[:, rows] + update
         return z

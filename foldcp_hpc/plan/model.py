@@ -22,14 +22,16 @@ times channel counts (:data:`COEFFICIENTS`), or the largest of several such mome
 different places for small and large tiles (the Pairformer's triangle multiplication against its single
 track; the diffusion conditioning's pairwise conditioner, atom encoder and token-transformer bias). Where
 the code fixes the size of a term (a kept output, the bias of ``depth x heads`` channels and its row chunks,
-the Pairformer's 4.375 tiles), the term is written from the shapes; the remaining coefficients were fitted
-(least squares on relative error, non-negative) to the stages measured with :func:`foldcp_hpc.bench.stages.
+the in-place Pairformer layer's 1.64 tiles, measured on the CPU at 64 x 64 tiles and on an H100 at N = 4,096
+and 10,240), the term is written down; the remaining coefficients were fitted (least squares on relative error
+plus the largest error, non-negative) to the stages measured with :func:`foldcp_hpc.bench.stages.
 measure_stages` on the development machine: float32, Boltz-2's widths with 1 block each, a 4- or 24-layer
 token transformer, synthetic proteins of N = 32 ... 256 tokens (8.2 atoms per token) with 8 to 128 MSA rows,
-on 1, 4 and 9 ranks (21 runs). Every stage of every run is predicted within 6% (the trunk, composed from its
-parts below, within 5%); ``tests/test_plan_mpi.py`` repeats the check. The tile coefficients hold at any N:
-the Pairformer's 4.375 tiles match the layer measured on H200s at N = 4,096 ... 14,336 within 0.3%
-(docs/performance.md).
+on 1, 4 and 9 ranks (21 runs), all of it the inference path (autograd off: pair ops in place, whole-tile
+computations in 1/16-tile row chunks). The stages a plan reports are predicted within the tolerances that
+``tests/test_plan.py`` and ``tests/test_plan_mpi.py`` check; the trunk's sub-stages, whose in-place chunks are
+coarse at these small tiles, less closely (the trunk is composed from them below). At large N the chunks are
+the fractions above and the written terms dominate.
 
 A run's per-rank peak is the weights (every rank holds all of them) plus, for each stage, what is held while
 it runs (the features, the trunk's outputs, the conditioning kept for sampling; written from shapes) plus
@@ -65,14 +67,14 @@ BOLTZ2_SMALL_PARAMETERS = 43_655_744
 
 #: The chunking the model's modules use (module constants; named here so that the report can say them).
 CHUNKS = {
-    "triangle multiplication": "128 channels contracted in 8 groups (one Cannon ring each); output gating on "
-                               "1/4 of the rows at a time",
-    "triangle attention": "query rows in chunks whose logits stay within 1/8 of a tile (and <= Boltz's 128 "
-                          "rows above 384 tokens, 512 below)",
-    "transitions": "rows in chunks whose hidden activations stay within 1/2 of the input",
-    "pair init / conditioning / confidence input": "rows in chunks whose widest intermediate stays within 1/2 "
+    "triangle multiplication": "in place: 128 channels in 4 groups on one rank, 16 on a grid (one Cannon ring "
+                               "each), projections and output gating on 1/16 of the rows at a time",
+    "triangle attention": "in place: query rows (columns for the ending node) in chunks whose projections stay "
+                          "within 1/8 of a tile; logits within 1/8 of a tile without the GPU kernel",
+    "transitions": "in place: rows in chunks whose hidden activations stay within 1/8 of the input",
+    "pair init / conditioning / confidence input": "rows in chunks whose widest intermediate stays within 1/16 "
                                                     "of a tile",
-    "outer product mean": "query rows in chunks whose [i, j, 32 x 32] products stay within 1/2 of a tile",
+    "outer product mean": "query rows in chunks whose [i, j, 32 x 32] products stay within 1/16 of a tile",
 }
 
 #: Channel counts per unit, per stage and per moment (stage -> moment -> unit -> channels; see the module
@@ -82,16 +84,16 @@ COEFFICIENTS: dict[str, dict[str, dict[str, float]]] = {
     # transformer; plus the bias output (exact, added in stage_transients)
     "input_embedder": {"atom encoder": {"window": 50.4, "token": 8.3, "one": 0.1}},
     # z_init and the relative-position tile (kept), and the row chunks' one-hot features (int64, 139 wide)
-    "pair_init": {"row chunks": {"pair": 846.9, "token": 205.8}},
+    "pair_init": {"row chunks": {"pair": 323.4, "token": 0.1}},
     # the PairformerNoSeq layer after the outer product mean (5.4 tiles) against the pair-weighted averaging,
     # whose values [8 heads, S_c, n, 32] and Cannon ring of them grow with the MSA block
-    "msa_module": {"pair stack": {"pair": 690.6, "msa": 36.2, "token": 145.4, "one": 0.2},
-                   "pair-weighted averaging": {"pair": 101.8, "msa": 1778.3, "token": 2841.5}},
-    # the triangle multiplication: 4.375 tiles (z, its normalised copy, the product, groups of a and b in the
-    # ring, the output gating's row quarters); the single track: z, LayerNorm(z) for the pair bias, the
-    # [16, n, n] logits, and the replicated s work
-    "pairformer": {"triangle multiplication": {"pair": 560.0, "pair_x": 1.7},
-                   "single track": {"pair": 288.0, "token": 1328.6, "one": 0.9}},
+    "msa_module": {"pair stack": {"pair": 326.6, "msa": 380.4, "token": 0.0, "one": 0.0},
+                   "pair-weighted averaging": {"pair": 92.9, "msa": 1872.3, "token": 1363.8}},
+    # the triangle multiplication in place: ~1.64 tiles (the product, one channel group's a and b, a row chunk's
+    # projections; measured); the single track: the pair bias from row chunks, the [16, n, n] logits, and the
+    # replicated s work
+    "pairformer": {"triangle multiplication": {"pair": 210.0, "pair_x": 0.0},
+                   "single track": {"pair": 131.5, "token": 793.5, "one": 0.0}},
     # z + z^T and the [n, n, 64] logits; at p > 1 the mirror rank's tile arrives in a buffer
     "distogram": {"logits": {"pair": 192.7, "pair_x": 64.5}},
     # the pairwise conditioner's transitions (z, its update and a row chunk's hidden layer: 4.25 tiles); z
@@ -104,8 +106,8 @@ COEFFICIENTS: dict[str, dict[str, dict[str, float]]] = {
     # encoder and decoder, the gathered token activations [N, 768]
     "sampler_step": {"token transformer and atoms": {"pair": 2.0, "window": 26.6, "atom": 142.6, "token": 814.6}},
     # pair input and z (2 tiles) plus a Pairformer layer (4.375 tiles) against the heads
-    "confidence": {"pairformer": {"pair": 816.0, "token": 920.3, "atom": 35.3, "pair_x": 0.4},
-                   "heads": {"pair": 3.2, "pair_x": 2.0, "token": 2082.5, "one": 3.0}},
+    "confidence": {"pairformer": {"pair": 521.4, "token": 680.2, "atom": 58.8, "pair_x": 14.4},
+                   "heads": {"pair": 1.9, "pair_x": 0.0, "token": 1248.9, "one": 0.0}},
 }
 
 
@@ -248,11 +250,11 @@ def stage_transients(problem: Problem, p: int, dtype_bytes: int, arch: Architect
 def _token_bias(arch: Architecture) -> dict[str, float]:
     """The conditioning's last moment, from the shapes (``DiffusionConditioning._token_bias``): z conditioned (128
     channels), the bias being written [n, n, depth x heads], and a row chunk's per-layer projections and their
-    concatenation (2 x depth x heads channels on a fraction 64 / (128 + depth x heads) of the rows); still held:
+    concatenation (2 x depth x heads channels on a fraction 8 / (128 + depth x heads) of the rows); still held:
     the atom pair features [w, 32, 128, 16], the atom biases [w, 32, 128, (encoder + decoder depth) x heads]
     and q, c [m, 128]."""
     width = arch.token_transformer_depth * arch.token_transformer_heads
-    rows = min(1.0, 64 / (128 + width))
+    rows = min(1.0, 8 / (128 + width))  # row chunks within 1/16 of a tile (inference)
     return {"pair": 128 + width * (1 + 2 * rows),
             "window": 16 + (arch.atom_encoder_depth + arch.atom_decoder_depth) * arch.atom_heads,
             "atom": 2 * 128}
@@ -261,14 +263,15 @@ def _token_bias(arch: Architecture) -> dict[str, float]:
 def _trunk(problem: Problem, u: dict[str, float], arch: Architecture, t: dict[str, StageTransient]) -> StageTransient:
     """The whole trunk call: the largest of its steps plus what the trunk holds around each (``Trunk.forward``):
     s_inputs and s_init (2 x 384 token channels) from the pair initialisation on; then also s, z_init and z
-    (one more token, two tiles); a recycle (or the skipped template module) makes two more tiles before the
-    old z is freed."""
+    (one more token, two tiles); a recycle updates z in place, a row chunk at a time."""
     s_tokens = 384 * u["token"]
     tile = 128 * u["pair"]
     held = 3 * s_tokens + 2 * tile
     steps = {"input_embedder": t["input_embedder"].bytes,
-             "pair_init": 2 * s_tokens + t["pair_init"].bytes,
-             "recycle": held + 2 * tile + s_tokens + _templates(problem, u, arch),
+             # the stage measured alone keeps the relative-position tile, which the trunk does not make
+             "pair_init": 2 * s_tokens + t["pair_init"].bytes - tile,
+             # z_norm and z_recycle of a row chunk (1/16 of a tile) at a time, into z
+             "recycle": held + tile / 8 + s_tokens + _templates(problem, u, arch),
              "msa_module": held + t["msa_module"].bytes,
              "pairformer": held + t["pairformer"].bytes,
              "distogram": held + t["distogram"].bytes}
