@@ -106,8 +106,11 @@ def test_triangle_multiplication_bfloat16(grid, monkeypatch, direction, params):
     """z stored in bfloat16: a, b and the product in bfloat16 (one GEMM dtype), close to float64.
 
     "float32 under autocast" is Boltz's mixed precision (float32 parameters, autocast to bfloat16); "bfloat16"
-    is a module cast to bfloat16 without autocast. Both forward and add_update are checked.
+    is a module cast to bfloat16 without autocast. Both forward and add_update are checked (at 1 and 4 ranks:
+    the suite's time; the contraction's ring is the float64 tests' at 9).
     """
+    if grid.p > 2:
+        pytest.skip("the bfloat16 contraction is checked at 1 and 4 ranks")
     ref, mine64 = build_triangle_multiplication(grid, direction)
     with torch.no_grad():  # an update about as large as z (3% of it as built), so that its own error shows
         ref.p_out.weight.mul_(UPDATE_SCALE)
