@@ -9,7 +9,6 @@ rows without a transposing copy.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
@@ -44,14 +43,11 @@ def _kernel():
 
 
 def fast_layer_norm_ok(x: Tensor, dims: int) -> bool:
-    """Whether :func:`rows_layer_norm` takes x: a CUDA tensor (or Triton's interpreter, when FOLDCP_TRITON=1)
-    whose normalised dim is a power of two between 16 and 1024; ``FOLDCP_TRITON=0`` turns it off."""
-    choice = os.environ.get("FOLDCP_TRITON", "auto")
-    if choice == "0" or not (16 <= dims <= 1024 and dims & (dims - 1) == 0):
-        return False
-    if choice == "1" and os.environ.get("TRITON_INTERPRET") == "1":
-        return _kernel() is not None
-    return x.device.type == "cuda" and _kernel() is not None
+    """Whether :func:`rows_layer_norm` takes x: its normalised dim a power of two between 16 and 1024, and the
+    ``FOLDCP_TRITON`` switch (:func:`~.triangle_attention.kernel_wanted`) on for x's device."""
+    from .triangle_attention import kernel_wanted
+
+    return 16 <= dims <= 1024 and dims & (dims - 1) == 0 and kernel_wanted(x.device, _kernel)
 
 
 def rows_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:

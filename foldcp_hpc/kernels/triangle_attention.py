@@ -27,18 +27,23 @@ LN2 = 0.6931471805599453
 
 
 def kernels_available(device: torch.device) -> bool:
-    """Whether the model uses the kernel on ``device``.
+    """Whether the model uses the kernel on ``device`` (see :func:`kernel_wanted`)."""
+    return kernel_wanted(device, _triton)
 
-    ``FOLDCP_TRITON``: unset or ``auto``, on CUDA devices when Triton imports; ``0``, never (to compare with the
-    PyTorch path); ``1``, wherever Triton runs, including its CPU interpreter (``TRITON_INTERPRET=1`` set before
-    Triton is first imported: the tests).
+
+def kernel_wanted(device: torch.device, build) -> bool:
+    """The ``FOLDCP_TRITON`` switch for a kernel that ``build()`` compiles (None without Triton).
+
+    Unset or ``auto``: on CUDA devices when Triton imports; ``0``: never (to compare with the PyTorch path);
+    ``1``: wherever Triton runs, including its CPU interpreter (``TRITON_INTERPRET=1`` set before Triton is
+    first imported: the tests).
     """
     choice = os.environ.get("FOLDCP_TRITON", "auto")
     if choice == "0":
         return False
     if choice == "1" and os.environ.get("TRITON_INTERPRET") == "1":
-        return _triton() is not None
-    return device.type == "cuda" and _triton() is not None
+        return build() is not None
+    return device.type == "cuda" and build() is not None
 
 
 @functools.lru_cache(maxsize=1)

@@ -195,3 +195,11 @@ def layer_norm(norm: "torch.nn.LayerNorm", x: torch.Tensor) -> torch.Tensor:
         weight = None if norm.weight is None else norm.weight.to(x.dtype)
         bias = None if norm.bias is None else norm.bias.to(x.dtype)
         return torch.nn.functional.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+
+def plus(z: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """z + update; without autograd into the storage of ``update`` (a module's fresh output, not used again)
+    when dtypes and shapes agree, so that no third tile is made. z is left as it was."""
+    if torch.is_grad_enabled() or update.dtype != z.dtype or update.shape != z.shape:
+        return z + update
+    return update.add_(z)

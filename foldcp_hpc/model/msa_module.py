@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor, nn
 
+from .common import plus
 from .outer_product_mean import OuterProductMean
 from .pair_averaging import PairWeightedAveraging
 from .pairformer import PairformerNoSeqLayer, tri_attn_chunk_size
@@ -52,9 +53,7 @@ class MSALayer(nn.Module):
             keep = 1.0
         m = m + keep * self.pair_weighted_averaging(m, z, token_mask, n_tokens=n_tokens)
         m = m + self.msa_transition(m)
-        update = self.outer_product_mean(m, msa_mask)
-        # z + update; without autograd into the update's fresh storage (the caller's z stays as it was)
-        z = z + update if torch.is_grad_enabled() or update.dtype != z.dtype else update.add_(z)
+        z = plus(z, self.outer_product_mean(m, msa_mask))  # the caller's z stays as it was
         z = self.pairformer_layer(z, token_mask, chunk_size_tri_attn, n_tokens=n_tokens, inplace=True)
         return z, m
 

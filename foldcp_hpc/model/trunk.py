@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.boltz2_hparams import embedder_args
-from .common import chunk_rows, layer_norm, row_chunks
+from .common import chunk_rows, layer_norm, plus, row_chunks
 from .distogram import DistogramModule
 from .input_embedder import InputEmbedder
 from .msa_module import MSAModule
@@ -122,8 +122,8 @@ class Trunk(nn.Module):
                 s = s_init + self.s_recycle(self.s_norm(s))
                 z = self._recycled(z_init, z)
                 if self.use_templates:
-                    z = _plus(z, self.template_module(z, template, pair_mask, n_tokens=n_tokens))
-                z = _plus(z, self.msa_module(z, s_inputs, msa, pair_mask, n_rows=n_msa_rows))
+                    z = plus(z, self.template_module(z, template, pair_mask, n_tokens=n_tokens))
+                z = plus(z, self.msa_module(z, s_inputs, msa, pair_mask, n_rows=n_msa_rows))
                 begin = 0
             hook = None if on_block is None else (
                 lambda done, s_, z_, recycle=recycle: on_block(TrunkPosition(recycle, done, s_, z_)))
@@ -144,11 +144,3 @@ class Trunk(nn.Module):
     def output(self, s_inputs: Tensor, s: Tensor, z: Tensor) -> TrunkOutput:
         """The trunk's output from its final s and z (the distogram head applied)."""
         return TrunkOutput(s_inputs, s, z, self.distogram_module(z))
-
-
-def _plus(z: Tensor, update: Tensor) -> Tensor:
-    """z + update; without autograd into the storage of ``update`` (a module's fresh output) when the dtypes
-    agree, so that no third tile is made."""
-    if torch.is_grad_enabled() or update.dtype != z.dtype or update.shape != z.shape:
-        return z + update
-    return update.add_(z)
