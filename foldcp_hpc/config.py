@@ -113,7 +113,7 @@ class InputConfig:
 
 ARCHITECTURES = ("boltz2", "boltz2-small")
 SAVE_CHOICES = ("s_inputs", "trunk_s", "trunk_z", "distogram", "pae", "pde", "plddt")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "bf16-mixed")  # foldcp_hpc.model.precision.PRECISIONS (torch-free here)
 OUTPUT_FORMATS = ("mmcif", "pdb")
 
 
@@ -129,7 +129,10 @@ class ModelConfig:
         "blocks, 1 MSA block, 2 token-transformer layers, 1 atom layer, 1 confidence block, 2 blocks in each "
         "random affinity model: demos and tests). A "
         "checkpoint brings its own architecture.", ARCHITECTURES))
-    dtype: str = field(default="float32", metadata=_doc("Floating-point precision of the model.", DTYPES))
+    dtype: str = field(default="float32", metadata=_doc(
+        "Floating-point precision of the model. bf16-mixed is boltz predict's own: float32 weights and "
+        "activations between layers, matrix products and attention in bfloat16 under autocast (the fast GPU "
+        "path, Triton kernels on CUDA); float64 is for checks.", DTYPES))
     affinity_checkpoint: str | None = field(default=None, metadata=_doc(
         "Boltz-2's affinity checkpoint (boltz2_aff.ckpt), or \"random\" for seeded random weights of its "
         "architecture; used when the input asks for properties: affinity (unset: no affinity is predicted)."))

@@ -100,8 +100,10 @@ def _fold(job: "JobConfig", features, summary: dict, parsed, msas, affinity_pass
     import torch
 
     from .distributed.grid import ProcessGrid
+    from .model.precision import Precision
 
-    dtype = {"float32": torch.float32, "float64": torch.float64}[job.model.dtype]
+    precision = Precision(job.model.dtype)
+    dtype = precision.dtype
     with ProcessGrid.create(job.grid.cp, job.grid.dp, backend=job.runtime.backend,
                             timeout_s=job.runtime.timeout_s) as grid:
         progress.device = grid.device
@@ -122,11 +124,12 @@ def _fold(job: "JobConfig", features, summary: dict, parsed, msas, affinity_pass
             progress.say(f"resuming from {resume_path} ({resume_point.stage} stage)")
         start = time.perf_counter()
         try:
-            prediction = model.predict(
-                features, recycling_steps=sampling.recycling_steps, sampling_steps=sampling.sampling_steps,
-                diffusion_samples=sampling.diffusion_samples, max_parallel_samples=sampling.max_parallel_samples,
-                generator=generator, dtype=dtype, gather_pae=job.output.write_full_pae,
-                gather_pde=job.output.write_full_pde, progress=progress, hooks=checkpointer, resume=resume_point)
+            with precision.autocast(grid.device):
+                prediction = model.predict(
+                    features, recycling_steps=sampling.recycling_steps, sampling_steps=sampling.sampling_steps,
+                    diffusion_samples=sampling.diffusion_samples, max_parallel_samples=sampling.max_parallel_samples,
+                    generator=generator, dtype=dtype, gather_pae=job.output.write_full_pae,
+                    gather_pde=job.output.write_full_pde, progress=progress, hooks=checkpointer, resume=resume_point)
         except Preempted as stopped:
             progress.say(f"{stopped}; exiting with code {EXIT_PREEMPTED}. Resume with: foldcp-hpc run "
                          f"{job.source} --resume {stopped.path.parent}")
@@ -153,7 +156,7 @@ def _fold(job: "JobConfig", features, summary: dict, parsed, msas, affinity_pass
             top_coords = prediction.coords[top].float().cpu().numpy()
         del prediction
         if affinity_pass:
-            _affinity(job, grid, parsed, msas, top_coords, dtype, progress)
+            _affinity(job, grid, parsed, msas, top_coords, precision, progress)
         _report(job, grid, summary["name"], progress)
     return 0
 
@@ -248,7 +251,7 @@ def _model(job: "JobConfig", grid, checkpoint: str, hparams: dict | None, dtype,
     return model.to(device=grid.device, dtype=dtype).eval(), untrained
 
 
-def _affinity(job: "JobConfig", grid, parsed, msas, top_coords, dtype, progress: Progress) -> None:
+def _affinity(job: "JobConfig", grid, parsed, msas, top_coords, precision, progress: Progress) -> None:
     """The affinity pass: rank 0 crops and featurizes the top-ranked structure; the grid folds the crop with the
     affinity model; rank 0 writes ``affinity_<name>.json``."""
     import torch
@@ -272,19 +275,21 @@ def _affinity(job: "JobConfig", grid, parsed, msas, top_coords, dtype, progress:
 
         small = job.model.architecture == "boltz2-small"
         hparams = with_affinity(hparams_for(job) or boltz2_hparams(), pairformer_blocks=2 if small else 8)
-    model, untrained = _model(job, grid, checkpoint, hparams, dtype, progress, stage="affinity pass: weights")
+    model, untrained = _model(job, grid, checkpoint, hparams, precision.dtype, progress,
+                              stage="affinity pass: weights")
     if not model.affinity_prediction:
         raise ConfigError(f"{job.source}: [model] affinity_checkpoint: {checkpoint} has no affinity heads "
                           "(affinity_prediction is off in its hyper-parameters)")
     sampling = job.sampling
     generator = torch.Generator(device=grid.device).manual_seed(job.runtime.seed)
     start = time.perf_counter()
-    prediction = model.predict(features, recycling_steps=sampling.affinity_recycling_steps,
-                               sampling_steps=sampling.affinity_sampling_steps,
-                               diffusion_samples=sampling.affinity_diffusion_samples, max_parallel_samples=1,
-                               generator=generator, dtype=dtype,
-                               progress=lambda stage, done, total, detail="": progress(f"affinity pass: {stage}",
-                                                                                       done, total, detail))
+    with precision.autocast(grid.device):
+        prediction = model.predict(features, recycling_steps=sampling.affinity_recycling_steps,
+                                   sampling_steps=sampling.affinity_sampling_steps,
+                                   diffusion_samples=sampling.affinity_diffusion_samples, max_parallel_samples=1,
+                                   generator=generator, dtype=precision.dtype,
+                                   progress=lambda stage, done, total, detail="": progress(
+                                       f"affinity pass: {stage}", done, total, detail))
     if grid.rank == 0:
         values = {key: value.float().cpu() for key, value in prediction.affinity.items()}
         path = write_affinity(job.resolve(job.output.dir), parsed.target.record.id, values, untrained=untrained)

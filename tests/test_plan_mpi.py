@@ -46,6 +46,10 @@ def synthetic_features(grid, n_tokens: int, msa_rows: int):
 def test_planned_stage_peaks_match_measured_ones(grid):
     from mpi4py import MPI
 
+    if grid.p == 3:  # two minutes of the suite's 9 oversubscribed ranks
+        pytest.skip("measured at 1 and 4 ranks here; the 9-rank stage peaks are the recorded calibration runs "
+                    "(foldcp_hpc/plan/calibration.json), checked serially in tests/test_plan.py")
+
     n_tokens = TOKENS_PER_BLOCK * grid.p
     hp = reduced_boltz2_hparams(**HPARAMS)
     # as the benchmark driver's MALLOC_MMAP_THRESHOLD_ (every tensor buffer counted), from before the features

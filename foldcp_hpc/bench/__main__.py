@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--n", type=int, default=192, help="tokens N (default 192)")
         sub.add_argument("--c-s", type=int, default=384)
         sub.add_argument("--c-z", type=int, default=128)
-        sub.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
+        sub.add_argument("--dtype", choices=("float32", "bfloat16", "bf16-mixed", "float64"), default="float32",
+                         help="bfloat16: z stored in bfloat16 under autocast; bf16-mixed: z float32 under autocast "
+                              "(as foldcp-hpc run's [model] dtype = \"bf16-mixed\"); pairformer only")
         sub.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
         sub.add_argument("--backend", default="auto", help="grid backend: auto, gloo, nccl, host")
         sub.add_argument("--repeats", type=int, default=1, help="timed runs after the measured one")
@@ -186,6 +188,18 @@ def _print_stage(rows: list[dict], args: argparse.Namespace, stage: str) -> None
     if any(r.get("clocked_seconds") for r in rows):
         print("comm share: seconds in collectives / total, in one extra run with every collective synchronised "
               "(so without overlap), slowest rank")
+    split = [r for r in rows if r.get("compute_seconds") is not None]
+    if split:
+        header = (f"{'ranks':>5} {'grid':>5} {'time s':>8} {'compute s':>9} {'transfer s':>10} {'waiting s':>9} "
+                  f"{'exposed comm s':>14}")
+        print("Per-layer breakdown of the multi-rank runs (seconds; compute, transfer and waiting from the clocked "
+              "run; exposed = time - compute):")
+        print(header)
+        print("-" * len(header))
+        for r in split:
+            print(f"{r['ranks']:>5} {r['grid']:>5} {r['seconds']:>8.3f} {r['compute_seconds']:>9.3f} "
+                  f"{r['transfer_seconds']:>10.3f} {r['wait_seconds']:>9.3f} "
+                  f"{max(0.0, r['seconds'] - r['compute_seconds']):>14.3f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import pickle
 import time
 from pathlib import Path
 
+from ..model.precision import PRECISIONS, Precision
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -30,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recycles", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--samples", type=int, default=1)
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=PRECISIONS, default="float32",
+                        help="the job's [model] dtype: float32, float64 or bf16-mixed (boltz predict's)")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-dir", default=".cache/bench-fold/ckpt")
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     stop = StopSignal().install()
     features, summary = pickle.loads(Path(args.features).read_bytes())
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    precision = Precision(args.dtype)
+    dtype = precision.dtype
     code = 0
     with ProcessGrid.create(backend=args.backend) as grid:
         progress = Progress(grid.rank == 0, device=grid.device)
@@ -82,10 +86,12 @@ def run(args: argparse.Namespace) -> int:
             resume = load_checkpoint(path, grid, identity, dtype)
             progress.say(f"resuming from {path} ({resume.stage} stage)")
         try:
-            prediction = model.predict(
-                features, recycling_steps=args.recycles, sampling_steps=args.steps, diffusion_samples=args.samples,
-                max_parallel_samples=args.samples, generator=torch.Generator(device=grid.device).manual_seed(args.seed),
-                dtype=dtype, progress=progress, hooks=checkpointer, resume=resume)
+            with precision.autocast(grid.device):
+                prediction = model.predict(
+                    features, recycling_steps=args.recycles, sampling_steps=args.steps, diffusion_samples=args.samples,
+                    max_parallel_samples=args.samples,
+                    generator=torch.Generator(device=grid.device).manual_seed(args.seed),
+                    dtype=dtype, progress=progress, hooks=checkpointer, resume=resume)
             progress.say(f"done: coordinates finite {bool(torch.isfinite(prediction.coords).all())}, mean pLDDT "
                          f"{float(torch.cat([c.plddt for c in prediction.confidence]).mean()):.4f} (random weights)")
         except Preempted as stopped:

@@ -27,9 +27,10 @@ def _inputs(n_tokens: int, n_local: int, c_s: int, c_z: int, dtype, device, seed
     return s, z, mask, pair_mask
 
 
-def _autocast(device, dtype):
-    """bfloat16 runs as Boltz runs its trunk: float32 parameters under ``torch.autocast`` to bfloat16."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+def _autocast(device, dtype, mixed: bool = False):
+    """bfloat16 and bf16-mixed run as Boltz runs its trunk: float32 parameters under ``torch.autocast`` to
+    bfloat16 (z stored in bfloat16, or in float32 as the whole model keeps it under ``bf16-mixed``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 or mixed)
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -37,7 +38,8 @@ def run_worker(args: argparse.Namespace) -> None:
     from ..distributed.autograd import take_tile
     from ..model.pairformer import PairformerLayer, tri_attn_chunk_size
 
-    dtype = DTYPES[args.dtype]
+    mixed = args.dtype == "bf16-mixed"  # z float32 under autocast, as the whole model runs (foldcp-hpc run)
+    dtype = torch.float32 if mixed else DTYPES[args.dtype]
     backend = args.backend
     if args.device == "cpu" and backend == "auto":
         backend = "gloo"
@@ -55,7 +57,7 @@ def run_worker(args: argparse.Namespace) -> None:
         pair_mask = take_tile(valid * valid.transpose(1, 2), grid.p, grid.row, grid.col).squeeze(-1) * pair_mask
 
         def ours():  # inference in place: z's storage takes the layer's output (the bench's z is not reused)
-            with _autocast(device, dtype):
+            with _autocast(device, dtype, mixed):
                 return layer(s, z, mask, pair_mask, chunk, inplace=True)
 
         if args.quick:  # one run: its peak and its time (first-call overheads included), no breakdown
@@ -78,7 +80,17 @@ def run_worker(args: argparse.Namespace) -> None:
 
 def comm_breakdown(grid, fn) -> dict:
     """One more run with every collective synchronised and clocked (:class:`~foldcp_hpc.distributed.clock.
-    CommClock`): the slowest rank's communication seconds and that run's total (no overlap in it)."""
+    CommClock`), split into compute, communication and waiting.
+
+    Per rank the clocked run is ``total = compute + in-collective``. A collective holds every member until the
+    last one arrives, so a rank's in-collective seconds are transfer plus waiting for slower peers; the rank
+    with the fewest in-collective seconds waited least. Returns (seconds): ``compute_seconds`` (the most any
+    rank computed), ``transfer_seconds`` (the fewest in-collective seconds of any rank: transfers, and the
+    waiting no rank escapes), ``wait_seconds`` (the most in-collective seconds less that: load imbalance),
+    ``comm_seconds`` (the most in-collective seconds) and ``clocked_seconds`` (the clocked run's total, slowest
+    rank). The timed run overlaps transfers with compute: its time less ``compute_seconds`` is the exposed
+    communication.
+    """
     from ..distributed.clock import CommClock
 
     if grid.world_size == 1:
@@ -89,8 +101,11 @@ def comm_breakdown(grid, fn) -> dict:
         _, total = timed(fn, grid.device, 1)
     finally:
         clock, grid.comm_clock = grid.comm_clock, None
-    return {"comm_seconds": grid.comm.allreduce(clock.seconds, op=_max()),
-            "clocked_seconds": grid.comm.allreduce(total, op=_max())}
+    per_rank = grid.comm.allgather((total - clock.seconds, clock.seconds, total))
+    compute = max(r[0] for r in per_rank)
+    inside = [r[1] for r in per_rank]
+    return {"comm_seconds": max(inside), "clocked_seconds": max(r[2] for r in per_rank),
+            "compute_seconds": compute, "transfer_seconds": min(inside), "wait_seconds": max(inside) - min(inside)}
 
 
 def _boltz_rows(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name) -> list[dict]:
@@ -111,7 +126,7 @@ def _boltz_rows(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name) 
     rows = []
     for impl, kernels in variants.items():
         def boltz():
-            with _autocast(device, dtype):
+            with _autocast(device, dtype, args.dtype == "bf16-mixed"):
                 return ref(s, z, mask, pair_mask, chunk, use_kernels=kernels)
 
         try:

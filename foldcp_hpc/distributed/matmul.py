@@ -18,35 +18,55 @@ from . import collectives as raw
 if TYPE_CHECKING:
     from .grid import ProcessGrid
 
-__all__ = ["tile_matmul", "cannon_matmul"]
+__all__ = ["tile_matmul", "cannon_matmul", "widening_bmm"]
 
 
-def cannon_matmul(a: torch.Tensor, b: torch.Tensor, grid: "ProcessGrid") -> torch.Tensor:
+def cannon_matmul(a: torch.Tensor, b: torch.Tensor, grid: "ProcessGrid", out_dtype: torch.dtype | None = None
+                  ) -> torch.Tensor:
     """Non-differentiable Cannon product of tiles.
 
     a: [*, I, K] block (r, c) of A; b: [*, K, J] block (r, c) of B.
+    out_dtype: the product's dtype when wider than the operands' (bfloat16 operands, float32 accumulation and
+    result: the operands travel the ring in bfloat16, half the bytes of float32). None: the operands' dtype.
     returns: [*, I, J] block (r, c) of A @ B.
     """
     with torch.autocast(a.device.type, enabled=False):  # in the inputs' precision, as Boltz's float32 einsum
-        return _cannon(a, b, grid)
+        return _cannon(a, b, grid, out_dtype or a.dtype)
 
 
-def _cannon(a: torch.Tensor, b: torch.Tensor, grid: "ProcessGrid") -> torch.Tensor:
-    p = grid.p
-    if p == 1:
+def widening_bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` for [G, I, K] and [G, K, J] operands, accumulated and returned in ``out_dtype``.
+
+    On CUDA the tensor-core GEMM reads the low-precision operands and accumulates in ``out_dtype``
+    (``torch.bmm(..., out_dtype=)``); elsewhere the operands are widened first, which is the same product
+    (widening is exact), summed in another order.
+    """
+    if a.dtype == out_dtype:
         return torch.matmul(a, b)
-    # skew: rank (r, c) takes A block (r, r + c) and B block (r + c, c)
-    a = raw.shift(a.contiguous(), grid, "row", -grid.row)
-    b = raw.shift(b.contiguous(), grid, "col", -grid.col)
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=out_dtype)
+    return torch.bmm(a.to(out_dtype), b.to(out_dtype))
+
+
+def _cannon(a: torch.Tensor, b: torch.Tensor, grid: "ProcessGrid", out_dtype: torch.dtype) -> torch.Tensor:
+    p = grid.p
+    if p == 1 and out_dtype == a.dtype:
+        return torch.matmul(a, b)
+    if p > 1:  # skew: rank (r, c) takes A block (r, r + c) and B block (r + c, c)
+        a = raw.shift(a.contiguous(), grid, "row", -grid.row)
+        b = raw.shift(b.contiguous(), grid, "col", -grid.col)
     out = None
     for step in range(p):
         if step < p - 1:
             next_a = raw.start_shift(a, grid, "row", -1)  # block (r, k + 1) arrives from the right
             next_b = raw.start_shift(b, grid, "col", -1)  # block (k + 1, c) arrives from below
+        a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])  # [G, I, K], [G, K, J]
         if out is None:
-            out = torch.matmul(a, b)
-        else:  # accumulate in place: no second [*, I, J] buffer
-            out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+            out = widening_bmm(a3, b3, out_dtype).view(*a.shape[:-1], b.shape[-1])
+        elif out_dtype == a.dtype:  # accumulate in place: no second [*, I, J] buffer
+            out.view(-1, *out.shape[-2:]).baddbmm_(a3, b3)
+        else:
+            out.view(-1, *out.shape[-2:]).add_(widening_bmm(a3, b3, out_dtype))
         if step < p - 1:
             a, b = next_a.wait(), next_b.wait()
     return out

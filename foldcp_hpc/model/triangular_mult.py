@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import autograd as cp
-from ..distributed.matmul import tile_matmul
+from ..distributed.matmul import cannon_matmul, tile_matmul, widening_bmm
 from .common import ChunkWriter, inference_rows, layer_norm, refuse_autograd, row_chunks
 
 if TYPE_CHECKING:
@@ -110,14 +110,15 @@ class _TriangleMultiplication(nn.Module):
         chunks = row_chunks(z.shape[1], inference_rows(4 / INPLACE_CHANNEL_GROUPS / INPLACE_ROW_FRACTION, z.numel(),
                                                        per_row, z.shape[1], z.is_cuda))
 
-        # Triangular projection into product[d] = [B,I,J] for the channels d of each group. Under CUDA autocast a
+        # Triangular projection into product[d] = [B,I,J] for the channels d of each group. Under autocast a
         # float32 tile's operands are bfloat16 values already (the projections ran under autocast; Boltz's
-        # ``.float()`` widens them exactly), so one rank keeps them in bfloat16 and has the tensor-core GEMM
-        # accumulate and write float32: Boltz's float32 product, summed in another order.
-        operand = dtype
-        if (dtype == torch.float32 and z.is_cuda and self.grid.p == 1 and torch.is_autocast_enabled("cuda")
-                and torch.get_autocast_dtype("cuda") in LOW_PRECISION):
-            operand = torch.get_autocast_dtype("cuda")
+        # ``.float()`` widens them exactly), so they stay in bfloat16 (and travel the Cannon ring so) and the
+        # GEMM accumulates and writes float32 (tensor cores on CUDA): Boltz's float32 product, summed in
+        # another order.
+        operand, kind = dtype, z.device.type
+        if (dtype == torch.float32 and torch.is_autocast_enabled(kind)
+                and torch.get_autocast_dtype(kind) in LOW_PRECISION):
+            operand = torch.get_autocast_dtype(kind)
         product = z.new_empty((dim, *z.shape[:3]), dtype=dtype)
         # on a grid each group's Cannon ring holds skewed, in-flight and result copies: smaller groups there
         groups = INPLACE_CHANNEL_GROUPS if self.grid.p == 1 else 4 * INPLACE_CHANNEL_GROUPS
@@ -171,10 +172,10 @@ class _TriangleMultiplication(nn.Module):
                 view = out.view(-1, *out.shape[-2:])
                 if a.dtype == out.dtype:
                     torch.bmm(a.flatten(0, 1), b.flatten(0, 1), out=view)
-                else:  # low-precision operands, float32 accumulation and result (CUDA)
-                    view.copy_(torch.bmm(a.flatten(0, 1), b.flatten(0, 1), out_dtype=out.dtype))
+                else:  # low-precision operands, float32 accumulation and result
+                    view.copy_(widening_bmm(a.flatten(0, 1), b.flatten(0, 1), out.dtype))
                 return out
-            return out.copy_(tile_matmul(a, b, grid))
+            return out.copy_(cannon_matmul(a, b, grid, out_dtype=out.dtype))
 
     def _gated_input(self, x: Tensor, channels: slice, mask: Tensor, dtype: torch.dtype) -> Tensor:
         """Input gating for ``channels`` of the 2D projections: p_in(x) * sigmoid(g_in(x)) * mask, in ``dtype``."""

@@ -57,7 +57,9 @@ __all__ = ["Architecture", "Problem", "StagePeak", "MemoryPlan", "DTYPE_BYTES", 
 
 GIB = 1024**3
 MIB = 1024**2
-DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2}
+#: bf16-mixed keeps float32 weights and float32 z between layers; its bfloat16 transients are no larger than the
+#: calibrated float32 ones, so it is planned as float32. "bfloat16" is a what-if (everything stored in bfloat16).
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bf16-mixed": 4, "bfloat16": 2}
 
 #: Parameters FoldModel holds for the released Boltz-2 (``Boltz2``'s 506,724,992 less the 24,640 of the
 #: b-factor head, which Boltz-2 does not use at inference); checked against the model by tests/test_plan.py.
