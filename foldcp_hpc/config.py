@@ -78,7 +78,10 @@ class GridConfig:
     cp: int | None = field(default=None, metadata=_doc(
         "Side of the context-parallel grid (p x p ranks per replica). Unset: inferred from the rank count and dp.",
         check=_positive))
-    dp: int = field(default=1, metadata=_doc("Number of data-parallel replicas of the grid.", check=_positive))
+    dp: int = field(default=1, metadata=_doc(
+        "Number of data-parallel replicas of the grid. The replicas split the diffusion samples (sampling and "
+        "confidence; the results are the same as one replica's); each runs the trunk on its own grid.",
+        check=_positive))
 
 
 @dataclass(frozen=True)

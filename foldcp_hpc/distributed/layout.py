@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "replica_share",
     "padded_size",
     "block_size",
     "block_bounds",
@@ -25,6 +26,16 @@ __all__ = [
     "valid_count",
     "TileLayout",
 ]
+
+
+def replica_share(n_samples: int, dp: int, replica: int) -> range:
+    """The diffusion samples replica ``replica`` of ``dp`` computes: a contiguous share, the first
+    ``n_samples % dp`` replicas taking one more (replicas past ``n_samples`` get none)."""
+    if n_samples < 0 or dp < 1 or not 0 <= replica < dp:
+        raise ValueError(f"replica {replica} of {dp} cannot share {n_samples} samples")
+    base, extra = divmod(n_samples, dp)
+    start = replica * base + min(replica, extra)
+    return range(start, start + base + (replica < extra))
 
 
 def _check(n_global: int, p: int) -> None:

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from ..data.boltz2_hparams import diffusion_conditioning_args
 from ..distributed.autograd import gather_pair
+from ..distributed.layout import replica_share
 from .affinity import AffinityModule, affinity_outputs, cross_pair_mask
-from .confidence import ConfidenceModule, SampleConfidence
+from .confidence import ConfidenceModule, SampleConfidence, share_confidences
 from .diffusion_conditioning import DiffusionConditioning
 from .sampler import AtomDiffusion
 from .trunk import Trunk, TrunkOutput, TrunkPosition
@@ -191,21 +192,26 @@ class FoldModel(nn.Module):
         del conditioning
         confidences, pae, pde = [], [], []
         if self.confidence_prediction:
-            report("confidence", 0, diffusion_samples)
-            base = self.confidence_module.pair_base(trunk.s_inputs, trunk.z, token, pair)
-            for k in range(diffusion_samples):
+            # dp replicas: each scores its share of the samples (as in sampling), then the shares are exchanged
+            own = replica_share(diffusion_samples, grid.dp, grid.replica)
+            report("confidence", 0, len(own))
+            base = self.confidence_module.pair_base(trunk.s_inputs, trunk.z, token, pair) if len(own) else None
+            for k in own:
                 result = self.confidence_module(trunk.s_inputs, trunk.s, trunk.z, coords[k:k + 1], token, atom, pair,
                                                 trunk.distogram[..., 0, :], z_base=base,
-                                                consume_base=k == diffusion_samples - 1)
+                                                consume_base=k == own.stop - 1)
                 result.logits.clear()  # the logits tiles are not kept past the heads
-                if k == diffusion_samples - 1:
+                if k == own.stop - 1:
                     base = None  # its storage became the last sample's pair input
+                confidences.append(result)
+                report("confidence", k + 1 - own.start, len(own))
+            if grid.dp > 1:
+                confidences = share_confidences(confidences, grid, diffusion_samples)
+            for result in confidences:
                 if gather_pae:
                     pae.append(gather_pair(result.pae[..., None], grid, n_tokens)[..., 0])
                 if gather_pde:
                     pde.append(gather_pair(result.pde[..., None], grid, n_tokens)[..., 0])
-                confidences.append(result)
-                report("confidence", k + 1, diffusion_samples)
         affinity = None
         if self.affinity_prediction:
             report("affinity heads", 0, 1)

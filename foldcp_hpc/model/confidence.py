@@ -32,7 +32,7 @@ from .pairformer import PairformerModule
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
 
-__all__ = ["ConfidenceModule", "ConfidenceHeads", "SampleConfidence", "aggregated_metric"]
+__all__ = ["ConfidenceModule", "ConfidenceHeads", "SampleConfidence", "aggregated_metric", "share_confidences"]
 
 NONPOLYMER, PROTEIN = 3, 0  # boltz.data.const.chain_type_ids
 LIGAND_WEIGHT, INTERFACE_WEIGHT, NON_INTERFACE_WEIGHT = 20, 10, 1
@@ -67,6 +67,31 @@ class SampleConfidence:
     protein_iptm: Tensor
     pair_chains_iptm: dict[int, dict[int, Tensor]]
     logits: dict[str, Tensor] = field(default_factory=dict)  # pae / pde tiles, plddt / resolved replicated
+
+
+def _moved(value: Any, device: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _moved(item, device) for key, item in value.items()}
+    return value
+
+
+def share_confidences(own: list[SampleConfidence], grid: "ProcessGrid", n_samples: int) -> list[SampleConfidence]:
+    """Every replica's share of the samples' confidences, to every replica, in sample order.
+
+    own: this replica's results, for the samples ``replica_share(n_samples, dp, replica)``; their tiles are this
+    rank's grid position's, as are those of the same position in every replica. Each rank gathers its position's
+    results from all replicas along the replica axis (MPI, through host memory; tensors come back on this rank's
+    device). returns: ``n_samples`` results; nothing when dp is 1 (``own`` is already everything).
+    """
+    if grid.dp == 1:
+        return own
+    shares = grid.axis("replica").comm.allgather([_moved(vars(result), "cpu") for result in own])
+    results = [SampleConfidence(**_moved(fields, grid.device)) for share in shares for fields in share]
+    if len(results) != n_samples:
+        raise RuntimeError(f"replicas returned {len(results)} sample confidences, expected {n_samples}")
+    return results
 
 
 class ConfidenceHeads(nn.Module):

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..distributed import collectives as raw
 from ..distributed.autograd import gather_atoms
+from ..distributed.layout import replica_share
 from .diffusion import DiffusionModule
 
 if TYPE_CHECKING:
@@ -107,6 +109,31 @@ class AtomDiffusion(nn.Module):
                   ) ** self.rho
         return nn.functional.pad(sigmas * self.sigma_data, (0, 1), value=0.0)
 
+    def _step_share(self, noisy: Tensor, atom_mask: Tensor, t_hat: float, sigma_t: float, max_parallel_samples: int,
+                    s_inputs: Tensor, s_trunk: Tensor, token: dict[str, Tensor], atom: dict[str, Tensor],
+                    conditioning: "Conditioning") -> Tensor:
+        """One sampler step with the samples split over the dp replicas; returns every sample's new coordinates.
+
+        noisy: [S, M, 3] replicated (every replica drew all samples' noise, so the generators stay in step);
+        this replica denoises its :func:`~foldcp_hpc.distributed.layout.replica_share` of the samples, and each
+        share then travels along the replica axis (a broadcast from its owner): the same values as one replica
+        computing all samples, since every sample's step is its own.
+        """
+        grid = self.grid
+        samples = noisy.shape[0]
+        own = replica_share(samples, grid.dp, grid.replica)
+        coords = noisy.clone()
+        if len(own):
+            part = noisy[own.start:own.stop]
+            denoised = torch.zeros_like(part)
+            for chunk in torch.arange(len(own)).split(max_parallel_samples):
+                denoised[chunk] = self.denoise(part[chunk], t_hat, s_inputs, s_trunk, token, atom, conditioning)
+            if self.alignment_reverse_diff:
+                mask = atom_mask[own.start:own.stop].to(part.dtype)
+                part = weighted_rigid_align(part, denoised, mask, mask).to(denoised)
+            coords[own.start:own.stop] = part + self.step_scale * (sigma_t - t_hat) * ((part - denoised) / t_hat)
+        return share_samples(coords, grid)
+
     def denoise(self, noisy: Tensor, sigma: float, s_inputs: Tensor, s_trunk: Tensor, token: dict[str, Tensor],
                 atom: dict[str, Tensor], conditioning: "Conditioning") -> Tensor:
         """The preconditioned network: denoised coordinates [S, M, 3] (replicated) of noisy [S, M, 3]."""
@@ -156,12 +183,29 @@ class AtomDiffusion(nn.Module):
             noise_var = self.noise_scale**2 * (t_hat**2 - sigma_tm**2)
             eps = sqrt(noise_var) * torch.randn(shape, dtype=dtype, device=device, generator=generator)
             noisy = coords + eps
-            denoised = torch.zeros_like(noisy)
-            for chunk in torch.arange(multiplicity).chunk(multiplicity % max_parallel_samples + 1):
-                denoised[chunk] = self.denoise(noisy[chunk], t_hat, s_inputs, s_trunk, token, atom, conditioning)
-            if self.alignment_reverse_diff:
-                noisy = weighted_rigid_align(noisy, denoised, atom_mask.to(dtype), atom_mask.to(dtype)).to(denoised)
-            coords = noisy + self.step_scale * (sigma_t - t_hat) * ((noisy - denoised) / t_hat)
+            if self.grid.dp == 1:
+                denoised = torch.zeros_like(noisy)
+                for chunk in torch.arange(multiplicity).chunk(multiplicity % max_parallel_samples + 1):
+                    denoised[chunk] = self.denoise(noisy[chunk], t_hat, s_inputs, s_trunk, token, atom, conditioning)
+                if self.alignment_reverse_diff:
+                    noisy = weighted_rigid_align(noisy, denoised, atom_mask.to(dtype), atom_mask.to(dtype)).to(denoised)
+                coords = noisy + self.step_scale * (sigma_t - t_hat) * ((noisy - denoised) / t_hat)
+            else:  # every replica drew every sample's noise above; it steps its own share, then all share theirs
+                coords = self._step_share(noisy, atom_mask, t_hat, sigma_t, max_parallel_samples, s_inputs, s_trunk,
+                                          token, atom, conditioning)
             if on_step is not None:
                 on_step(step + 1, steps, coords)
         return coords
+
+
+def share_samples(values: Tensor, grid: "ProcessGrid") -> Tensor:
+    """Each replica's share of the samples, to every replica: values [S, ...] whose rows of
+    ``replica_share(S, dp, k)`` are right on replica k; returns [S, ...] right everywhere (one broadcast per
+    share along the replica axis). forward only (inference)."""
+    samples = values.shape[0]
+    for owner in range(grid.dp):
+        rows = replica_share(samples, grid.dp, owner)
+        if len(rows):
+            values[rows.start:rows.stop] = raw.broadcast(values[rows.start:rows.stop].contiguous(), grid, "replica",
+                                                         src=owner)
+    return values
