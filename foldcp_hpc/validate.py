@@ -60,7 +60,8 @@ def validate_job(job_path: str, overrides: list[str], ranks: int, *, features: b
     # The released widths (boltz2-small keeps them), whatever the checkpoint: z has 128 channels.
     z_bytes = n_local * n_local * Z_CHANNELS * (8 if job.model.dtype == "float64" else 4)
     say(f"per rank: pair tiles of {n_local:,}x{n_local:,} tokens ({n_tokens:,} padded to {n_local * p:,} in {p} "
-        f"blocks); the pair representation z alone takes {_size(z_bytes)} per rank in {job.model.dtype} "
+        f"blocks); the pair representation z alone takes {_size(z_bytes)} per rank in "
+        f"{'float32 (bf16-mixed)' if job.model.dtype == 'bf16-mixed' else job.model.dtype} "
         "(foldcp-hpc plan predicts each stage's peak)")
     return job
 

@@ -43,7 +43,7 @@ def test_every_job_validates(job_path, capsys):
 
 def test_large_assembly_is_an_8x8_grid_of_the_released_architecture(capsys):
     job = load_job(REPO / "jobs" / "large_assembly.toml")
-    assert (job.grid.cp, job.grid.dp, job.model.architecture, job.model.dtype) == (8, 1, "boltz2", "float32")
+    assert (job.grid.cp, job.grid.dp, job.model.architecture, job.model.dtype) == (8, 1, "boltz2", "bf16-mixed")
     assert main(["validate", str(REPO / "jobs" / "large_assembly.toml"), "--ranks", "63", "--no-features"]) == 1
     assert "grid 8x8 needs 64 ranks, got 63" in capsys.readouterr().err
 
