@@ -169,6 +169,19 @@ def test_largest_tokens_is_the_boundary():
     assert largest_tokens(CAPSID, BOLTZ2, 8, 1 * GIB) == 0
 
 
+def test_samples_per_step_on_replicas_is_the_largest_share_in_calls_of_max_parallel():
+    import torch
+
+    from foldcp_hpc.distributed.layout import replica_share
+
+    for samples in range(1, 12):
+        for parallel in range(1, 6):
+            for dp in (2, 3, 4):
+                shares = [replica_share(samples, dp, k) for k in range(dp)]
+                calls = [len(c) for share in shares for c in torch.arange(len(share)).split(parallel)]
+                assert samples_per_step(samples, parallel, dp) == max(calls)
+
+
 def test_samples_per_step_follows_boltz_chunking():
     # AtomDiffusion.sample: torch.arange(multiplicity).chunk(multiplicity % max_parallel_samples + 1)
     import torch

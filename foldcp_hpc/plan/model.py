@@ -194,12 +194,16 @@ def units(problem: Problem, p: int, dtype_bytes: int) -> dict[str, float]:
             "one": MIB}
 
 
-def samples_per_step(diffusion_samples: int, max_parallel_samples: int) -> int:
-    """Samples one denoising call takes: Boltz's sampler splits the samples into
-    ``diffusion_samples % max_parallel_samples + 1`` chunks (``AtomDiffusion.sample``, kept as Boltz has it)."""
-    if diffusion_samples < 1 or max_parallel_samples < 1:
+def samples_per_step(diffusion_samples: int, max_parallel_samples: int, dp: int = 1) -> int:
+    """Samples one denoising call takes on the fullest replica. One replica: Boltz's sampler splits the samples
+    into ``diffusion_samples % max_parallel_samples + 1`` chunks (``AtomDiffusion.sample``, kept as Boltz has it).
+    dp replicas: each takes ``replica_share`` of the samples (the first ⌈S / dp⌉) in calls of at most
+    ``max_parallel_samples``."""
+    if diffusion_samples < 1 or max_parallel_samples < 1 or dp < 1:
         raise ValueError(f"samples must be positive, got diffusion_samples={diffusion_samples}, "
-                         f"max_parallel_samples={max_parallel_samples}")
+                         f"max_parallel_samples={max_parallel_samples}, dp={dp}")
+    if dp > 1:
+        return min(-(-diffusion_samples // dp), max_parallel_samples)
     chunks = min(diffusion_samples, diffusion_samples % max_parallel_samples + 1)
     return -(-diffusion_samples // chunks)
 

@@ -170,7 +170,7 @@ def run_plan(job_path: Optional[str], overrides: list[str], ranks: int, gpu_mem:
             problem = Problem(problem.n_tokens, atoms, problem.msa_rows, problem.templates)
         if msa_rows is not None:
             problem = Problem(problem.n_tokens, problem.n_atoms, msa_rows, problem.templates)
-    samples = samples_per_step(job.sampling.diffusion_samples, job.sampling.max_parallel_samples)
+    samples = samples_per_step(job.sampling.diffusion_samples, job.sampling.max_parallel_samples, dp)
     plan = plan_memory(problem, arch, p, dtype, dp, samples)
     print(f"foldcp-hpc plan: job {job.source}", file=out)
     format_plan(plan, arch, memory, source, count, out)
