@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=PRECISIONS, default="float32",
                         help="the job's [model] dtype: float32, float64 or bf16-mixed (boltz predict's)")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--dp", type=int, default=1,
+                        help="replicas of the grid (they split the samples): ranks = dp x p x p")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-dir", default=".cache/bench-fold/ckpt")
     parser.add_argument("--every-blocks", type=int, default=16)
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     precision = Precision(args.dtype)
     dtype = precision.dtype
     code = 0
-    with ProcessGrid.create(backend=args.backend) as grid:
+    with ProcessGrid.create(dp=args.dp, backend=args.backend) as grid:
         progress = Progress(grid.rank == 0, device=grid.device)
         progress.say(f"{summary['name']}: {summary['tokens']} tokens, {summary['atoms']} atoms; {grid.describe()}")
         progress("weights", 0, 1)
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
                            "architecture": args.architecture, "recycling_steps": args.recycles,
                            "sampling_steps": args.steps, "samples": args.samples, "dtype": args.dtype,
                            "resumed": resume is not None, "exit": code, "transport": grid.transport.name,
+                           "grid": {"dp": grid.dp, "p": grid.p},
                            "wall_s": round(time.perf_counter() - started, 1),
                            "device": torch.cuda.get_device_name() if grid.device.type == "cuda" else "cpu"})
             for line in format_report(report):
