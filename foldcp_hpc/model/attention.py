@@ -68,7 +68,11 @@ class AttentionPairBias(nn.Module):
 
     def _pair_bias(self, z: Tensor) -> Tensor:
         """proj_z of the tile in float32 as Boltz computes it (``z.float()``), a few rows at a time, so that a
-        low-precision z is never copied whole to float32. z: [B, N_i, N_j, C]; returns [B, H, N_i, N_j]."""
+        low-precision z is never copied whole to float32. z: [B, N_i, N_j, C]; returns [B, H, N_i, N_j].
+        A precomputed bias tile (``compute_pair_bias`` False, C = H) is only moved heads-first: a view when it is
+        float32, one float32 copy when it is not (the copy Boltz's ``.float()`` makes)."""
+        if not self.compute_pair_bias:
+            return self.proj_z(at_least_f32(z))  # [B,I,J,H] -> [B,H,I,J]
         rows = rows_within(z.numel() / 8, z[:, :1].numel(), z.shape[1])
         bias = ChunkWriter(dim=2, size=z.shape[1])
         for sl in row_chunks(z.shape[1], rows):
