@@ -50,6 +50,8 @@ def validate_job(job_path: str, overrides: list[str], ranks: int, *, features: b
     say(f"job {job.source}: read" + (f" with overrides {' '.join(overrides)}" if overrides else ""))
     dp, p = _check_grid(job, ranks)
     say(f"grid: {ranks} ranks = {dp} replica(s) x {p}x{p} (dp x p x p), transport {job.runtime.backend}")
+    if dp > 1:
+        say(_replica_work(dp, job.sampling.diffusion_samples))
     say(_check_checkpoint(job))
     say(_check_output(job))
     summary = _check_input(job, features)
@@ -102,6 +104,20 @@ def _check_grid(job: JobConfig, ranks: int) -> tuple[int, int]:
     except GridError as exc:
         cp = "unset" if job.grid.cp is None else job.grid.cp
         raise GridError(f"{job.source}: [grid] cp = {cp}, dp = {job.grid.dp} with --ranks {ranks}: {exc}") from None
+
+
+def _replica_work(dp: int, samples: int) -> str:
+    """What the replicas share: the diffusion samples (each also runs the trunk); a note when some get none."""
+    from .distributed.layout import replica_share
+
+    shares = [len(replica_share(samples, dp, k)) for k in range(dp)]
+    line = (f"replicas: each runs the trunk; the {samples} diffusion sample(s) split "
+            f"{' + '.join(str(n) for n in shares)}")
+    idle = shares.count(0)
+    if idle:
+        line += (f"; note: {idle} of {dp} replicas get no sample and idle through sampling and confidence "
+                 f"(set diffusion_samples >= {dp}, or use fewer replicas and a larger grid)")
+    return line
 
 
 def _check_checkpoint(job: JobConfig) -> str:

@@ -60,7 +60,17 @@ def test_tokenized_counts_equal_featurized():
 def test_overrides_after_the_rank_option(capsys):
     assert main(["validate", str(REPO / "jobs" / "protein_ligand.toml"), "--ranks", "8", "grid.dp=2",
                  "--no-features"]) == 0
-    assert "grid: 8 ranks = 2 replica(s) x 2x2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "grid: 8 ranks = 2 replica(s) x 2x2" in out
+    assert "replicas: each runs the trunk; the 1 diffusion sample(s) split 1 + 0; note: 1 of 2 replicas get no " \
+           "sample" in out
+
+
+def test_replicas_split_the_samples(capsys):
+    assert main(["validate", str(REPO / "jobs" / "protein_ligand.toml"), "--ranks", "12", "grid.dp=3",
+                 "sampling.diffusion_samples=5", "--no-features"]) == 0
+    out = capsys.readouterr().out
+    assert "the 5 diffusion sample(s) split 2 + 2 + 1" in out and "note:" not in out
 
 
 def broken(capsys, *argv) -> str:
