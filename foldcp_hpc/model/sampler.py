@@ -15,7 +15,7 @@ Not implemented: Boltz's inference-time steering (FK steering, physical and cont
 from __future__ import annotations
 
 from math import sqrt
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -109,30 +109,18 @@ class AtomDiffusion(nn.Module):
                   ) ** self.rho
         return nn.functional.pad(sigmas * self.sigma_data, (0, 1), value=0.0)
 
-    def _step_share(self, noisy: Tensor, atom_mask: Tensor, t_hat: float, sigma_t: float, max_parallel_samples: int,
-                    s_inputs: Tensor, s_trunk: Tensor, token: dict[str, Tensor], atom: dict[str, Tensor],
-                    conditioning: "Conditioning") -> Tensor:
-        """One sampler step with the samples split over the dp replicas; returns every sample's new coordinates.
-
-        noisy: [S, M, 3] replicated (every replica drew all samples' noise, so the generators stay in step);
-        this replica denoises its :func:`~foldcp_hpc.distributed.layout.replica_share` of the samples, and each
-        share then travels along the replica axis (a broadcast from its owner): the same values as one replica
-        computing all samples, since every sample's step is its own.
-        """
-        grid = self.grid
-        samples = noisy.shape[0]
-        own = replica_share(samples, grid.dp, grid.replica)
-        coords = noisy.clone()
-        if len(own):
-            part = noisy[own.start:own.stop]
-            denoised = torch.zeros_like(part)
-            for chunk in torch.arange(len(own)).split(max_parallel_samples):
-                denoised[chunk] = self.denoise(part[chunk], t_hat, s_inputs, s_trunk, token, atom, conditioning)
-            if self.alignment_reverse_diff:
-                mask = atom_mask[own.start:own.stop].to(part.dtype)
-                part = weighted_rigid_align(part, denoised, mask, mask).to(denoised)
-            coords[own.start:own.stop] = part + self.step_scale * (sigma_t - t_hat) * ((part - denoised) / t_hat)
-        return share_samples(coords, grid)
+    def _step(self, noisy: Tensor, atom_mask: Tensor, t_hat: float, sigma_t: float, chunks: Sequence[Tensor],
+              s_inputs: Tensor, s_trunk: Tensor, token: dict[str, Tensor], atom: dict[str, Tensor],
+              conditioning: "Conditioning") -> Tensor:
+        """One sampler step of the samples in ``noisy`` [S, M, 3] (replicated), denoised a chunk of sample
+        indices at a time; atom_mask: [S, M]. Returns their new coordinates [S, M, 3]."""
+        denoised = torch.zeros_like(noisy)
+        for chunk in chunks:
+            denoised[chunk] = self.denoise(noisy[chunk], t_hat, s_inputs, s_trunk, token, atom, conditioning)
+        if self.alignment_reverse_diff:
+            mask = atom_mask.to(noisy.dtype)
+            noisy = weighted_rigid_align(noisy, denoised, mask, mask).to(denoised)
+        return noisy + self.step_scale * (sigma_t - t_hat) * ((noisy - denoised) / t_hat)
 
     def denoise(self, noisy: Tensor, sigma: float, s_inputs: Tensor, s_trunk: Tensor, token: dict[str, Tensor],
                 atom: dict[str, Tensor], conditioning: "Conditioning") -> Tensor:
@@ -183,16 +171,22 @@ class AtomDiffusion(nn.Module):
             noise_var = self.noise_scale**2 * (t_hat**2 - sigma_tm**2)
             eps = sqrt(noise_var) * torch.randn(shape, dtype=dtype, device=device, generator=generator)
             noisy = coords + eps
-            if self.grid.dp == 1:
-                denoised = torch.zeros_like(noisy)
-                for chunk in torch.arange(multiplicity).chunk(multiplicity % max_parallel_samples + 1):
-                    denoised[chunk] = self.denoise(noisy[chunk], t_hat, s_inputs, s_trunk, token, atom, conditioning)
-                if self.alignment_reverse_diff:
-                    noisy = weighted_rigid_align(noisy, denoised, atom_mask.to(dtype), atom_mask.to(dtype)).to(denoised)
-                coords = noisy + self.step_scale * (sigma_t - t_hat) * ((noisy - denoised) / t_hat)
-            else:  # every replica drew every sample's noise above; it steps its own share, then all share theirs
-                coords = self._step_share(noisy, atom_mask, t_hat, sigma_t, max_parallel_samples, s_inputs, s_trunk,
-                                          token, atom, conditioning)
+            step_args = (t_hat, sigma_t)
+            inputs = (s_inputs, s_trunk, token, atom, conditioning)
+            if self.grid.dp == 1:  # Boltz's chunks: multiplicity % max_parallel_samples + 1 of them
+                chunks = torch.arange(multiplicity).chunk(multiplicity % max_parallel_samples + 1)
+                coords = self._step(noisy, atom_mask, *step_args, chunks, *inputs)
+            else:
+                # dp replicas: every replica drew every sample's noise above (the generators stay in step); it
+                # steps its replica_share of the samples, and each share travels along the replica axis: the
+                # same values as one replica stepping all samples, since every sample's step is its own
+                own = replica_share(multiplicity, self.grid.dp, self.grid.replica)
+                coords = noisy.clone()
+                if len(own):
+                    rows = slice(own.start, own.stop)
+                    chunks = torch.arange(len(own)).split(max_parallel_samples)
+                    coords[rows] = self._step(noisy[rows], atom_mask[rows], *step_args, chunks, *inputs)
+                coords = share_samples(coords, self.grid)
             if on_step is not None:
                 on_step(step + 1, steps, coords)
         return coords
