@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .runtime import abort_on_error, rank0_print
+from .runtime import abort_on_error, expandable_device_memory, rank0_print
 
 __all__ = ["main"]
 
@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    expandable_device_memory()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling a positional list at the first option, so in `validate job.toml --ranks 8 grid.dp=2`

@@ -67,3 +67,30 @@ def test_flash_triangle_attention_refuses_bad_shapes():
     q = torch.randn(2, 5, 2, 12)
     with pytest.raises(ValueError, match="power of two"):
         flash_triangle_attention(q, q, q, torch.zeros(1, 2, 5, 5), torch.zeros(2, 5), 1.0, 2)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "silu"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_gate_product_matches_pytorch(act, accumulate):
+    """The fused gate kernel against its PyTorch form: row-strided views (two halves of one GEMM output, a slice
+    of a wider out), a column mask, float32 math rounded once into a bfloat16 or float32 out."""
+    from foldcp_hpc.kernels.gating import _reference, gate_product
+
+    torch.manual_seed(2)
+    both = torch.randn(37, 2 * 300) * 3  # [rows, 2C]: value and gate columns of one product, C not a block multiple
+    value, gate = both[:, 300:], both[:, :300]
+    mask = (torch.rand(300) > 0.2).float()
+    for dtype in (torch.bfloat16, torch.float32):
+        wide = torch.randn(37, 320).to(dtype)
+        before = wide.clone()
+        out, expected = wide[:, 10:310], wide.clone()[:, 10:310]
+        _reference(value, gate, act, expected, mask, accumulate)
+        gate_product(value, gate, act, out=out, mask=mask, accumulate=accumulate)
+        tolerance = {"rtol": 1.6e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(out, expected, **tolerance)
+        # written in place, columns outside the view untouched
+        assert torch.equal(wide[:, :10], before[:, :10]) and torch.equal(wide[:, 310:], before[:, 310:])
+    y = value * (torch.sigmoid(gate) if act == "sigmoid" else torch.nn.functional.silu(gate)) * mask
+    torch.testing.assert_close(_reference(value, gate, act, torch.zeros_like(y), mask, False), y)
+    with pytest.raises(ValueError, match="act must be one of"):
+        gate_product(value, gate, "relu", out=torch.empty_like(value))

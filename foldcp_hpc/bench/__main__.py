@@ -37,6 +37,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..runtime import expandable_device_memory
+
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
 
@@ -91,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    expandable_device_memory()
     args = _parser().parse_args(argv)
     if args.command == "pairformer-worker":
         from .pairformer import run_worker

@@ -203,3 +203,32 @@ def plus(z: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or update.dtype != z.dtype or update.shape != z.shape:
         return z + update
     return update.add_(z)
+
+
+def autocast_low_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The low-precision dtype autocast gives matrix products on ``x``'s device (bfloat16 or float16), or None when
+    autocast is off there."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in (torch.bfloat16, torch.float16):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` ([..., D] -> [..., E]) as autocast rounds its operands, but accumulated and returned in
+    float32: under autocast the product's output is not rounded to bfloat16, so the elementwise work after it
+    (gates, activations, the update added to a float32 z) sees one rounding fewer per value than Boltz's
+    autocast path. Without autocast: ``F.linear`` in the inputs' dtype.
+
+    On CUDA the GEMM reads the low-precision operands and accumulates in float32 (``out_dtype``); elsewhere the
+    operands are widened first (exact), the same product summed in another order.
+    """
+    low = autocast_low_dtype(x)
+    if low is None:
+        return torch.nn.functional.linear(x, weight)
+    from ..distributed.matmul import widening_bmm
+
+    with torch.autocast(x.device.type, enabled=False):
+        flat = x.reshape(1, -1, x.shape[-1]).to(low)  # [1, rows, D]
+        out = widening_bmm(flat, weight.to(low).t()[None], torch.float32)  # [1, rows, E]
+    return out.view(*x.shape[:-1], weight.shape[0])

@@ -46,7 +46,22 @@ def aggregated_metric(logits: Tensor, end: float = 1.0) -> Tensor:
     bins = logits.shape[-1]
     width = end / bins
     centres = torch.arange(start=0.5 * width, end=end, step=width, device=logits.device)
-    return torch.sum(nn.functional.softmax(logits, dim=-1) * centres, dim=-1)
+    return expected_value(logits, centres)
+
+
+def expected_value(logits: Tensor, values: Tensor) -> Tensor:
+    """sum_k softmax(logits)_k values_k. logits: [..., bins]; values: broadcastable to logits; returns [...].
+
+    Pair tiles ([B, n, n, bins]) without autograd go a chunk of rows at a time, so that the probabilities never
+    take a whole tile.
+    """
+    if logits.dim() != 4 or torch.is_grad_enabled():
+        return torch.sum(nn.functional.softmax(logits, dim=-1) * values, dim=-1)
+    n = logits.shape[1]
+    writer = ChunkWriter(dim=1, size=n)
+    for sl in row_chunks(n, chunk_rows(CHUNK_BUDGET, logits.numel(), logits[:, :1].numel(), n, logits.is_cuda)):
+        writer.put(sl, torch.sum(nn.functional.softmax(logits[:, sl], dim=-1) * values, dim=-1))
+    return writer.result()
 
 
 @dataclass
@@ -127,14 +142,7 @@ class ConfidenceHeads(nn.Module):
         cols = {k: _block(token[k], layout, grid.col) for k in ("asym_id", "mol_type", "token_pad_mask")}
         same_chain = rows["asym_id"][:, :, None] == cols["asym_id"][:, None, :]  # [B, n, n]
         dtype = z.dtype
-        if self.use_separate_heads:
-            same = same_chain.to(dtype)[..., None]
-            pae_logits = self.to_pae_inter_logits(z) * (1 - same) + self.to_pae_intra_logits(z) * same
-            z_sym = z + cp.transpose_tiles(z, grid)
-            pde_logits = self.to_pde_inter_logits(z_sym) * (1 - same) + self.to_pde_intra_logits(z_sym) * same
-        else:
-            pae_logits = self.to_pae_logits(z)
-            pde_logits = self.to_pde_logits(z + cp.transpose_tiles(z, grid))
+        pae_logits, pde_logits = self._pair_logits(z, same_chain)
         resolved_logits = self.to_resolved_logits(s)
         plddt_logits = self.to_plddt_logits(s)
 
@@ -152,7 +160,8 @@ class ConfidenceHeads(nn.Module):
         complex_iplddt = (plddt * pad * weight).sum(dim=-1) / torch.sum(pad * weight, dim=-1)
 
         pde = aggregated_metric(pde_logits, end=32)
-        prob_contact = nn.functional.softmax(distogram_logits, dim=-1)[..., :CONTACT_BINS].sum(-1)
+        contact_bins = (torch.arange(distogram_logits.shape[-1], device=z.device) < CONTACT_BINS).to(dtype)
+        prob_contact = expected_value(distogram_logits, contact_bins)  # softmax(...)[..., :CONTACT_BINS].sum(-1)
         pair_pad = rows["token_pad_mask"].to(dtype)[:, :, None] * cols["token_pad_mask"].to(dtype)[:, None, :]
         if grid.row == grid.col:  # the diagonal (i == j) is left out
             pair_pad = pair_pad * (1 - torch.eye(pair_pad.shape[-1], dtype=dtype, device=z.device))
@@ -170,6 +179,24 @@ class ConfidenceHeads(nn.Module):
                                 **ptms, logits={"pae": pae_logits, "pde": pde_logits, "plddt": plddt_logits,
                                                 "resolved": resolved_logits})
 
+    def _pair_logits(self, z: Tensor, same_chain: Tensor) -> tuple[Tensor, Tensor]:
+        """The PAE logits of z and the PDE logits of z + z^T, a chunk of rows at a time (z + z^T is never a whole
+        tile). z: [B, n, n, C_z] pair tile; same_chain: [B, n, n] tile. returns two [B, n, n, bins] tiles."""
+        z_t = cp.transpose_tiles(z, self.grid)  # a view at p = 1, the mirror rank's tile at p > 1
+        n = z.shape[1]
+        pae_out, pde_out = ChunkWriter(dim=1, size=n), ChunkWriter(dim=1, size=n)
+        for sl in row_chunks(n, chunk_rows(CHUNK_BUDGET, z.numel(), z[:, :1].numel(), n, z.is_cuda)):
+            z_rows, z_sym = z[:, sl], z[:, sl] + z_t[:, sl]
+            if self.use_separate_heads:
+                same = same_chain[:, sl].to(z.dtype)[..., None]
+                pae = self.to_pae_inter_logits(z_rows) * (1 - same) + self.to_pae_intra_logits(z_rows) * same
+                pde = self.to_pde_inter_logits(z_sym) * (1 - same) + self.to_pde_intra_logits(z_sym) * same
+            else:
+                pae, pde = self.to_pae_logits(z_rows), self.to_pde_logits(z_sym)
+            pae_out.put(sl, pae)
+            pde_out.put(sl, pde)
+        return pae_out.result(), pde_out.result()
+
     def _ptms(self, pae_logits: Tensor, frame_mask: Tensor, rows: dict, cols: dict, token: dict[str, Tensor],
               n_tokens: int) -> dict[str, Any]:
         """Boltz's ``compute_ptms``: masked means of the expected TM term over j (grid-row sums), then the
@@ -184,7 +211,7 @@ class ConfidenceHeads(nn.Module):
         n_res = pad.sum(dim=-1, keepdim=True)
         d0 = 1.24 * (torch.clip(n_res, min=19) - 15) ** (1 / 3) - 1.8
         tm_value = (1 / (1 + (pae_value / d0) ** 2))[:, None, None]  # [B, 1, 1, bins]
-        tm = torch.sum(nn.functional.softmax(pae_logits, dim=-1) * tm_value, dim=-1)  # [B, n, n]
+        tm = expected_value(pae_logits, tm_value)  # [B, n, n]
 
         row_frame = _block(frame_mask, layout, grid.row).to(dtype)
         pad_i, pad_j = rows["token_pad_mask"].to(dtype), cols["token_pad_mask"].to(dtype)

@@ -41,9 +41,12 @@ class MSALayer(nn.Module):
         self.outer_product_mean = OuterProductMean(c_in=msa_s, c_hidden=32, c_out=token_z, grid=grid)
 
     def forward(self, z: Tensor, m: Tensor, token_mask: Tensor, msa_mask: Tensor, chunk_size_tri_attn: Optional[int],
-                n_tokens: int, n_rows: int) -> tuple[Tensor, Tensor]:
+                n_tokens: int, n_rows: int, owned: bool = False) -> tuple[Tensor, Tensor]:
         """z: [B, N_i, N_j, C_z] pair tile; m: [B, S_c, N_r, c_m] MSA block; token_mask: [B, N_i, N_j] pair-mask
-        tile; msa_mask: [B, S_c, N_r]. returns (z, m) placed as given."""
+        tile; msa_mask: [B, S_c, N_r]. returns (z, m) placed as given.
+
+        owned: z is the caller's to overwrite (a previous layer's output); without autograd the layer then works
+        in its storage. Otherwise the caller's z stays as it was."""
         if self.training and self.msa_dropout > 0:
             # Boltz draws one keep/drop per MSA row ([B, S, 1, 1]); every rank draws all S and keeps its rows
             keep = (torch.rand((m.shape[0], n_rows, 1, 1), device=m.device) >= self.msa_dropout) / (1 - self.msa_dropout)
@@ -53,7 +56,12 @@ class MSALayer(nn.Module):
             keep = 1.0
         m = m + keep * self.pair_weighted_averaging(m, z, token_mask, n_tokens=n_tokens)
         m = m + self.msa_transition(m)
-        z = plus(z, self.outer_product_mean(m, msa_mask))  # the caller's z stays as it was
+        update = self.outer_product_mean(m, msa_mask)
+        if owned and not torch.is_grad_enabled() and update.dtype == z.dtype:
+            z = z.add_(update)
+        else:
+            z = plus(z, update)  # the caller's z stays as it was
+        del update  # not held through the Pairformer layer
         z = self.pairformer_layer(z, token_mask, chunk_size_tri_attn, n_tokens=n_tokens, inplace=True)
         return z, m
 
@@ -97,6 +105,6 @@ class MSAModule(nn.Module):
         s_rows = torch.nn.functional.pad(s_rows, (0, 0, 0, grid.layout(n_tokens).n_pad))[:, rows]  # [B, N_r, c_m]
         m = m + s_rows.unsqueeze(1)
         chunk = tri_attn_chunk_size(n_tokens, self.training)
-        for layer in self.layers:
-            z, m = layer(z, m, token_mask, msa["msa_mask"].to(m.dtype), chunk, n_tokens, n_rows)
+        for index, layer in enumerate(self.layers):  # the first layer leaves the caller's z as it was
+            z, m = layer(z, m, token_mask, msa["msa_mask"].to(m.dtype), chunk, n_tokens, n_rows, owned=index > 0)
         return z

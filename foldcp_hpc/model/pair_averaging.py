@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..distributed import autograd as cp
 from ..distributed import collectives as raw
-from .common import PAD_BIAS, block_is_padding, ring
+from .common import PAD_BIAS, ChunkWriter, block_is_padding, chunk_rows, ring, row_chunks
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -49,10 +49,13 @@ class PairWeightedAveraging(nn.Module):
         heads, width = self.num_heads, self.c_h
         n_tokens = grid.padding_for(z.shape[1], n_tokens)
         m = self.norm_m(m)
-        z = self.norm_z(z)
         v = self.proj_m(m)
         v = v.reshape(*v.shape[:3], heads, width).permute(0, 3, 1, 2, 4)  # [B,s,j,H,D] -> [B,H,s,j,D]
-        bias = self.proj_z(z).permute(0, 3, 1, 2)  # [B,i,j,H] -> [B,H,i,j]
+        n_i = z.shape[1]
+        writer = ChunkWriter(dim=1, size=n_i)  # z normalised a chunk of rows at a time: never a second tile
+        for rows in row_chunks(n_i, chunk_rows(1.0, z.numel(), z[:, :1].numel(), n_i, z.is_cuda)):
+            writer.put(rows, self.proj_z(self.norm_z(z[:, rows])))
+        bias = writer.result().permute(0, 3, 1, 2)  # [B,i,j,H] -> [B,H,i,j]
         bias = bias + (1 - mask[:, None]) * -self.inf
         padding = block_is_padding(n_tokens, grid, grid.col, z.device)
         if padding is not None:

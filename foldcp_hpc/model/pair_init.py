@@ -190,6 +190,24 @@ class PairInitializer(nn.Module):
         returns: (z_init [B, n, n, C_z] pair tile (row-block r, col-block c), relative position encoding of the
         same tile, which the diffusion conditioning reuses; None when ``with_relative`` is False).
         """
+        init_rows, rows_per_chunk = self.row_maker(s_inputs, token, pair)
+        n = self.grid.layout(s_inputs.shape[1]).n_local
+        z_out, rel_out = ChunkWriter(dim=1, size=n), ChunkWriter(dim=1, size=n)
+        for sl in row_chunks(n, rows_per_chunk):
+            z, rel = init_rows(sl)
+            z_out.put(sl, z)
+            if with_relative:
+                rel_out.put(sl, rel)
+        return z_out.result(), (rel_out.result() if with_relative else None)
+
+    def row_maker(self, s_inputs: Tensor, token: dict[str, Tensor], pair: dict[str, Tensor]
+                  ) -> tuple[Callable[[slice], tuple[Tensor, Tensor]], int]:
+        """z_init of this rank's tile as a function of the tile's rows, so that a caller can rebuild it a chunk
+        at a time instead of holding the tile (the trunk does, once per recycle); arguments as :meth:`forward`.
+
+        returns: (rows(sl) -> (z_init rows [B, rows, n, C_z], their relative-position encoding), the rows per
+        chunk that keep the widest intermediate within :data:`CHUNK_BUDGET` of the tile).
+        """
         grid = self.grid
         layout = grid.layout(s_inputs.shape[1])
         n = layout.n_local
@@ -197,16 +215,12 @@ class PairInitializer(nn.Module):
         z_rows = _block(self.z_init_1(s_inputs), layout, grid.row)  # [B, n, C_z]
         z_cols = _block(self.z_init_2(s_inputs), layout, grid.col)
 
-        batch = s_inputs.shape[0]
-        width = 4 * (self.rel_pos.r_max + 1) + 2 * (self.rel_pos.s_max + 1) + 1
-        rows_per_chunk = chunk_rows(CHUNK_BUDGET, batch * n * n * self.token_z, batch * n * width, n,
-                                    s_inputs.is_cuda)
-        z_out, rel_out = ChunkWriter(dim=1, size=n), ChunkWriter(dim=1, size=n)
-        for sl in row_chunks(n, rows_per_chunk):
+        def init_rows(sl: slice) -> tuple[Tensor, Tensor]:
             z = z_rows[:, sl, None] + z_cols[:, None, :]
             terms, rel = pair_feature_rows(self, rows, cols, any_cyclic, pair, sl, z.dtype)
-            z = z + terms
-            z_out.put(sl, z)
-            if with_relative:
-                rel_out.put(sl, rel)
-        return z_out.result(), (rel_out.result() if with_relative else None)
+            return z + terms, rel
+
+        batch = s_inputs.shape[0]
+        width = 4 * (self.rel_pos.r_max + 1) + 2 * (self.rel_pos.s_max + 1) + 1
+        return init_rows, chunk_rows(CHUNK_BUDGET, batch * n * n * self.token_z, batch * n * width, n,
+                                     s_inputs.is_cuda)

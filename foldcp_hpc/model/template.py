@@ -45,6 +45,11 @@ class TemplateV2Module(nn.Module):
                                                 post_layer_norm=post_layer_norm,
                                                 activation_checkpointing=activation_checkpointing, grid=grid)
 
+    @staticmethod
+    def has_templates(template: dict[str, Tensor]) -> bool:
+        """Whether any template of ``template`` is present (without one, the module's update is exactly 0)."""
+        return bool(template["template_mask"].any())
+
     def forward(self, z: Tensor, template: dict[str, Tensor], pair_mask: Tensor,
                 n_tokens: Optional[int] = None) -> Tensor:
         """z: [1, N_i, N_j, C_z] pair tile (row-block r, col-block c); template: Boltz's template features

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from ..distributed import autograd as cp
 from ..distributed.matmul import cannon_matmul, tile_matmul, widening_bmm
-from .common import ChunkWriter, inference_rows, layer_norm, refuse_autograd, row_chunks
+from ..kernels.gating import gate_product
+from .common import (ChunkWriter, autocast_low_dtype, inference_rows, layer_norm, refuse_autograd, row_chunks,
+                     wide_linear)
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -126,11 +128,15 @@ class _TriangleMultiplication(nn.Module):
             self._contract(*self._operands(z, mask, group, chunks, operand), out=product[group])
 
         # Output gating, in row chunks; each chunk's gate reads z's rows before the update is added to them
+        # (under autocast both GEMMs return float32: gate, product and update are not rounded to bfloat16)
         for rows in chunks:
-            gate = self.g_out(layer_norm(self.norm_in, z[:, rows])).sigmoid_()
+            gate = wide_linear(layer_norm(self.norm_in, z[:, rows]), self.g_out.weight)
             # [D,B,i,J] -> [B,i,J,D]: normalised from the channel-first product (the kernel reads any strides)
-            update = self.p_out(layer_norm(self.norm_out, product[:, :, rows].permute(1, 2, 3, 0)))
-            z[:, rows].add_(update.mul_(gate))
+            update = wide_linear(layer_norm(self.norm_out, product[:, :, rows].permute(1, 2, 3, 0)), self.p_out.weight)
+            if autocast_low_dtype(z) is None:
+                z[:, rows].add_(update.mul_(gate.sigmoid_()))
+            else:  # z += update * sigmoid(gate) in one pass, nothing rounded to bfloat16
+                gate_product(update, gate, "sigmoid", out=z[:, rows], accumulate=True)
         return z
 
     def _operands(self, z: Tensor, mask: Tensor, group: slice, chunks: list[slice], dtype: torch.dtype
@@ -145,11 +151,22 @@ class _TriangleMultiplication(nn.Module):
         other = slice(self.dim + group.start, self.dim + group.stop)
         weight = torch.cat([self.p_in.weight[group], self.p_in.weight[other],
                             self.g_in.weight[group], self.g_in.weight[other]])  # [4g, D]: a, b and their gates
+        low = autocast_low_dtype(z)
         for rows in chunks:
             x = layer_norm(self.norm_in, z[:, rows])  # [B,i,J,D]
-            projected = torch.matmul(weight, x.reshape(-1, x.shape[-1]).t())  # [4g, B*i*J]
-            gated = projected[:2 * width].mul_(projected[2 * width:].sigmoid_())  # [2g, B*i*J]
-            gated.mul_(mask[:, rows].reshape(1, -1).to(gated.dtype))
+            if low is None:
+                projected = torch.matmul(weight, x.reshape(-1, x.shape[-1]).t())  # [4g, B*i*J]
+            else:  # float32 GEMM output: the gate, the product and the mask in float32, rounded once
+                with torch.autocast(z.device.type, enabled=False):
+                    projected = widening_bmm(weight.to(low)[None], x.reshape(-1, x.shape[-1]).t().to(low)[None],
+                                             torch.float32)[0]
+            if low is None:
+                gated = projected[:2 * width].mul_(projected[2 * width:].sigmoid_())  # [2g, B*i*J]
+                gated.mul_(mask[:, rows].reshape(1, -1).to(gated.dtype))
+            else:
+                gated = projected.new_empty(2 * width, projected.shape[1], dtype=dtype)
+                gate_product(projected[:2 * width], projected[2 * width:], "sigmoid", out=gated,
+                             mask=mask[:, rows].reshape(-1))
             a[:, :, rows] = gated[:width].view(width, *x.shape[:3])  # [g, B, i, J]
             b[:, :, rows] = gated[width:].view(width, *x.shape[:3])
         return a, b

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.boltz2_hparams import embedder_args
-from .common import chunk_rows, layer_norm, plus, row_chunks
+from .common import layer_norm, plus, row_chunks
 from .distogram import DistogramModule
 from .input_embedder import InputEmbedder
 from .msa_module import MSAModule
@@ -111,17 +111,23 @@ class Trunk(nn.Module):
         pair_mask = (padded[:, layout.block(grid.row), None] * padded[:, None, layout.block(grid.col)])
 
         s_init = self.s_init(s_inputs)
-        z_init = self.pair_init(s_inputs, token, pair, with_relative=False)[0]  # no relative-position tile kept
+        if torch.is_grad_enabled():
+            z_init = self.pair_init(s_inputs, token, pair, with_relative=False)[0]  # no relative-position tile kept
+            z: Optional[Tensor] = torch.zeros_like(z_init)
+            recycled = lambda z_: z_init + self.z_recycle(self.z_norm(z_))  # noqa: E731
+        else:  # z_init is rebuilt a chunk of rows at a time for every recycle: one pair tile fewer held
+            init_rows, init_chunk = self.pair_init.row_maker(s_inputs, token, pair)
+            z = None  # zeros, made by the first recycle
+            recycled = lambda z_: self._recycled(init_rows, init_chunk, z_, layout.n_local)  # noqa: E731
         s = torch.zeros_like(s_init)
-        z = torch.zeros_like(z_init)
         first = 0 if start is None else start.recycle
         for recycle in range(first, recycling_steps + 1):
             if start is not None and recycle == start.recycle:
                 s, z, begin = start.s, start.z, start.blocks
             else:
                 s = s_init + self.s_recycle(self.s_norm(s))
-                z = self._recycled(z_init, z)
-                if self.use_templates:
+                z = recycled(z)
+                if self.use_templates and (torch.is_grad_enabled() or self.template_module.has_templates(template)):
                     z = plus(z, self.template_module(z, template, pair_mask, n_tokens=n_tokens))
                 z = plus(z, self.msa_module(z, s_inputs, msa, pair_mask, n_rows=n_msa_rows))
                 begin = 0
@@ -131,15 +137,19 @@ class Trunk(nn.Module):
                                           inplace=True)
         return self.output(s_inputs, s, z)
 
-    def _recycled(self, z_init: Tensor, z: Tensor) -> Tensor:
-        """z_init + z_recycle(z_norm(z)); without autograd into z's own storage, a chunk of rows at a time
-        (z is the previous recycle's output, not used again)."""
-        if torch.is_grad_enabled():
-            return z_init + self.z_recycle(self.z_norm(z))
-        for rows in row_chunks(z.shape[1], chunk_rows(1.0, z.numel(), z[:, :1].numel(), z.shape[1], z.is_cuda)):
-            update = self.z_recycle(layer_norm(self.z_norm, z[:, rows]))
-            z[:, rows] = update.add_(z_init[:, rows]) if update.dtype == z.dtype else z_init[:, rows] + update
-        return z
+    def _recycled(self, init_rows: Callable[[slice], tuple[Tensor, Tensor]], rows_per_chunk: int,
+                  z: Optional[Tensor], n_local: int) -> Tensor:
+        """z_init + z_recycle(z_norm(z)) without autograd, into z's own storage (z is the previous recycle's
+        output, not used again; None: zeros, the first recycle), a chunk of rows at a time, with z_init's rows
+        rebuilt by ``init_rows`` (:meth:`PairInitializer.row_maker`)."""
+        out = z
+        for rows in row_chunks(n_local, rows_per_chunk):
+            init = init_rows(rows)[0]  # [B, rows, n, C_z]
+            update = self.z_recycle(layer_norm(self.z_norm, torch.zeros_like(init) if z is None else z[:, rows]))
+            if out is None:
+                out = init.new_empty(init.shape[0], n_local, *init.shape[2:])
+            out[:, rows] = update.add_(init) if update.dtype == out.dtype else init + update
+        return out
 
     def output(self, s_inputs: Tensor, s: Tensor, z: Tensor) -> TrunkOutput:
         """The trunk's output from its final s and z (the distogram head applied)."""

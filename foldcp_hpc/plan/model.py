@@ -86,11 +86,12 @@ COEFFICIENTS: dict[str, dict[str, dict[str, float]]] = {
     # transformer; plus the bias output (exact, added in stage_transients)
     "input_embedder": {"atom encoder": {"window": 50.4, "token": 8.3, "one": 0.1}},
     # z_init and the relative-position tile (kept), and the row chunks' one-hot features (int64, 139 wide)
-    "pair_init": {"row chunks": {"pair": 323.4, "token": 0.1}},
-    # the PairformerNoSeq layer after the outer product mean (5.4 tiles) against the pair-weighted averaging,
-    # whose values [8 heads, S_c, n, 32] and Cannon ring of them grow with the MSA block
-    "msa_module": {"pair stack": {"pair": 326.6, "msa": 380.4, "token": 0.0, "one": 0.0},
-                   "pair-weighted averaging": {"pair": 92.9, "msa": 1872.3, "token": 1363.8}},
+    "pair_init": {"row chunks": {"pair": 323.8, "token": 0.8}},
+    # the updated tile and the PairformerNoSeq layer after the outer product mean (~2.6 tiles) against the
+    # pair-weighted averaging (z normalised in row chunks), whose values [8 heads, S_c, n, 32] and Cannon ring of
+    # them grow with the MSA block
+    "msa_module": {"pair stack": {"pair": 329.0, "msa": 356.2, "token": 8.0, "one": 0.0},
+                   "pair-weighted averaging": {"pair": 0.0, "msa": 1825.4, "token": 1363.9}},
     # the triangle multiplication in place: ~1.64 tiles (the product, one channel group's a and b, a row chunk's
     # projections; measured); the single track: the pair bias from row chunks, the [16, n, n] logits, and the
     # replicated s work
@@ -107,8 +108,9 @@ COEFFICIENTS: dict[str, dict[str, dict[str, float]]] = {
     # one denoising call of one sample: per-tile logits of the token transformer, the atom windows of the
     # encoder and decoder, the gathered token activations [N, 768]
     "sampler_step": {"token transformer and atoms": {"pair": 2.0, "window": 26.6, "atom": 142.6, "token": 814.6}},
-    # pair input and z (2 tiles) plus a Pairformer layer (4.375 tiles) against the heads
-    "confidence": {"pairformer": {"pair": 521.4, "token": 680.2, "atom": 58.8, "pair_x": 14.4},
+    # the sample's pair input and a Pairformer layer (~2.7 tiles) against the heads (PAE / PDE logits and their
+    # expected values in row chunks)
+    "confidence": {"pairformer": {"pair": 344.3, "token": 689.2, "atom": 83.2, "pair_x": 70.7},
                    "heads": {"pair": 1.9, "pair_x": 0.0, "token": 1248.9, "one": 0.0}},
 }
 
@@ -268,11 +270,12 @@ def _token_bias(arch: Architecture) -> dict[str, float]:
 
 def _trunk(problem: Problem, u: dict[str, float], arch: Architecture, t: dict[str, StageTransient]) -> StageTransient:
     """The whole trunk call: the largest of its steps plus what the trunk holds around each (``Trunk.forward``):
-    s_inputs and s_init (2 x 384 token channels) from the pair initialisation on; then also s, z_init and z
-    (one more token, two tiles); a recycle updates z in place, a row chunk at a time."""
+    s_inputs and s_init (2 x 384 token channels) from the pair initialisation on; then also s and z (one more
+    token, one tile); a recycle rebuilds z_init's rows and updates z in place, a row chunk at a time, so no tile
+    of z_init is held."""
     s_tokens = 384 * u["token"]
     tile = 128 * u["pair"]
-    held = 3 * s_tokens + 2 * tile
+    held = 3 * s_tokens + tile
     steps = {"input_embedder": t["input_embedder"].bytes,
              # the stage measured alone keeps the relative-position tile, which the trunk does not make
              "pair_init": 2 * s_tokens + t["pair_init"].bytes - tile,
@@ -380,11 +383,11 @@ def plan_memory(problem: Problem, arch: Architecture, p: int, dtype: str = "floa
     trunk_held = features
     rows = [("trunk: input embedder", trunk_held, t["input_embedder"]),
             ("trunk: pair init", trunk_held + 2 * s_tokens, t["pair_init"]),
-            ("trunk: recycling", trunk_held + 3 * s_tokens + 2 * tile,
-             StageTransient(2 * tile + s_tokens + _templates(problem, u, arch), {"pair": 2 * tile})),
-            ("trunk: MSA module", trunk_held + 3 * s_tokens + 2 * tile, t["msa_module"]),
-            ("trunk: Pairformer", trunk_held + 3 * s_tokens + 2 * tile, t["pairformer"]),
-            ("trunk: distogram", trunk_held + 3 * s_tokens + 2 * tile, t["distogram"])]
+            ("trunk: recycling", trunk_held + 3 * s_tokens + tile,
+             StageTransient(tile / 8 + s_tokens + _templates(problem, u, arch), {"pair": tile / 8})),
+            ("trunk: MSA module", trunk_held + 3 * s_tokens + tile, t["msa_module"]),
+            ("trunk: Pairformer", trunk_held + 3 * s_tokens + tile, t["pairformer"]),
+            ("trunk: distogram", trunk_held + 3 * s_tokens + tile, t["distogram"])]
     for name, held, transient in rows:
         plan.stages.append(StagePeak(name, held, transient.bytes, label(transient.parts)))
     # the trunk's outputs: s_inputs, s, z and the distogram logits [n, n, 64]
