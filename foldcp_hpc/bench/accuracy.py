@@ -4,15 +4,39 @@ Random weights with every parameter perturbed (boltz zero-initialises output lay
 reference is boltz's layer in float64. Rows: our layer in float32, our fast path (z stored in bfloat16 under
 autocast, flash triangle attention on CUDA), boltz's layer under bfloat16 autocast (and with cuEquivariance's
 kernels when ``cuequivariance_torch`` imports). Prints the relative error (Frobenius norm of the difference
-over the reference's) of z and s.
+over the reference's) of z and s. ``--parts`` also prints our fast path's error with each sub-module run without
+autocast in turn (the others under it): which sub-module's roundings the error comes from.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import numpy as np
 import torch
+
+
+PARTS = ("tri_mul_out", "tri_mul_in", "tri_att_start", "tri_att_end", "transition_z", "attention", "transition_s")
+
+
+@contextlib.contextmanager
+def _without_autocast(module: torch.nn.Module, device_type: str):
+    """Run ``module``'s ``forward`` and ``add_update`` with autocast off on ``device_type`` (inputs as they come)."""
+    def plain(fn):
+        def call(*args, **kwargs):
+            with torch.autocast(device_type, enabled=False):
+                return fn(*args, **kwargs)
+        return call
+
+    names = [name for name in ("forward", "add_update") if hasattr(module, name)]
+    for name in names:
+        setattr(module, name, plain(getattr(module, name)))
+    try:
+        yield
+    finally:
+        for name in names:
+            delattr(module, name)
 
 
 def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -28,6 +52,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m foldcp_hpc.bench.accuracy")
     parser.add_argument("--n", type=int, default=1024)
     parser.add_argument("--scale", type=float, default=0.05, help="std of the perturbation added to every weight")
+    parser.add_argument("--parts", action="store_true", help="also each sub-module without autocast in turn")
     args = parser.parse_args(argv)
     n = args.n
     with ProcessGrid.create(backend="auto") as grid, torch.no_grad():
@@ -64,6 +89,10 @@ def main(argv=None) -> None:
         with auto:
             s_out, z_out = ours(s, z.to(torch.bfloat16), mask, pair_mask, chunk, inplace=True)
         row("foldcp_hpc autocast bf16, z stored bf16", s_out, z_out)
+        for name in (PARTS if args.parts else ()):
+            with _without_autocast(getattr(ours, name), device.type), auto:
+                s_out, z_out = ours(s, z.clone(), mask, pair_mask, chunk, inplace=True)
+            row(f"  z stored float32, {name} without autocast", s_out, z_out)
         with auto:
             s_out, z_out = ref(s, z, mask, pair_mask, chunk)
         row("boltz autocast bf16, PyTorch", s_out, z_out)
@@ -77,9 +106,9 @@ def main(argv=None) -> None:
             rows.append(("boltz cuEquivariance: not installed", float("nan"), float("nan")))
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"One Pairformer layer, N={n}, {name}; relative error against boltz in float32 (masked pairs excluded)")
-        print(f"{'impl':<45} {'z':>10} {'s':>10}")
+        print(f"{'impl':<52} {'z':>10} {'s':>10}")
         for label, z_err, s_err in rows:
-            print(f"{label:<45} {z_err:>10.2e} {s_err:>10.2e}")
+            print(f"{label:<52} {z_err:>10.2e} {s_err:>10.2e}")
 
 
 if __name__ == "__main__":

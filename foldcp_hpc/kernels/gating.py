@@ -9,25 +9,20 @@ input once and writes the result once.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .lazy import lazy_kernel
 
 __all__ = ["ACTIVATIONS", "gate_product"]
 
 ACTIVATIONS = {"sigmoid": 0, "silu": 1}
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+@lazy_kernel
+def _kernel(triton, tl):
     @triton.jit
     def gate_product_kernel(v_ptr, g_ptr, m_ptr, o_ptr, n_rows, n_cols, sv, sg, so,
                             ACT: tl.constexpr, MASK: tl.constexpr, ACCUMULATE: tl.constexpr,

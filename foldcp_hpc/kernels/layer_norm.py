@@ -8,20 +8,15 @@ rows without a transposing copy.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import Tensor
 
+from .lazy import lazy_kernel
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
 
+@lazy_kernel
+def _kernel(triton, tl):
     @triton.jit
     def layer_norm_rows(x_ptr, w_ptr, b_ptr, out_ptr, n_rows, sx_m, sx_c, eps,
                         C: tl.constexpr, BLOCK_M: tl.constexpr):
