@@ -9,6 +9,7 @@ import torch
 from ..distributed import autograd as cp
 from ..distributed import collectives as raw
 from ..distributed.layout import TileLayout
+from ..distributed.matmul import widening_bmm
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -226,8 +227,6 @@ def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     low = autocast_low_dtype(x)
     if low is None:
         return torch.nn.functional.linear(x, weight)
-    from ..distributed.matmul import widening_bmm
-
     with torch.autocast(x.device.type, enabled=False):
         flat = x.reshape(1, -1, x.shape[-1]).to(low)  # [1, rows, D]
         out = widening_bmm(flat, weight.to(low).t()[None], torch.float32)  # [1, rows, E]

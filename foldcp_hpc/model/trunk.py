@@ -114,11 +114,15 @@ class Trunk(nn.Module):
         if torch.is_grad_enabled():
             z_init = self.pair_init(s_inputs, token, pair, with_relative=False)[0]  # no relative-position tile kept
             z: Optional[Tensor] = torch.zeros_like(z_init)
-            recycled = lambda z_: z_init + self.z_recycle(self.z_norm(z_))  # noqa: E731
+
+            def recycled(z_: Tensor) -> Tensor:
+                return z_init + self.z_recycle(self.z_norm(z_))
         else:  # z_init is rebuilt a chunk of rows at a time for every recycle: one pair tile fewer held
             init_rows, init_chunk = self.pair_init.row_maker(s_inputs, token, pair)
             z = None  # zeros, made by the first recycle
-            recycled = lambda z_: self._recycled(init_rows, init_chunk, z_, layout.n_local)  # noqa: E731
+
+            def recycled(z_: Optional[Tensor]) -> Tensor:
+                return self._recycled(init_rows, init_chunk, z_, layout.n_local)
         s = torch.zeros_like(s_init)
         first = 0 if start is None else start.recycle
         for recycle in range(first, recycling_steps + 1):
