@@ -83,6 +83,8 @@ def test_planned_pairformer_layer_matches_measured(grid):
     from foldcp_hpc.bench.pairformer import _inputs
     from foldcp_hpc.model.pairformer import PairformerLayer, tri_attn_chunk_size
 
+    if grid.p == 3:  # 73 s of the suite's 9 oversubscribed ranks; the layer's tiles at 1 and 4 ranks are the same
+        pytest.skip("measured at 1 and 4 ranks here: every rank's 64 x 64 tile and Cannon ring are alike at 9")
     n_tokens = 64 * grid.p
     n_local = grid.layout(n_tokens).n_local
     torch.manual_seed(0)
