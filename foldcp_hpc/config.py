@@ -97,6 +97,9 @@ class RuntimeConfig:
     seed: int = field(default=0, metadata=_doc("Seed of the random generator shared by all ranks."))
     self_check: bool = field(default=True, metadata=_doc(
         "Run the collective self-check (exactness of every tile collective) at start-up."))
+    cuda_graphs: bool = field(default=True, metadata=_doc(
+        "On a one-rank grid on a GPU, replay each sampler step's score model from a CUDA graph (recorded at the "
+        "second step; the same arithmetic, without the CPU's per-kernel launch cost)."))
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,8 @@ def _fold(job: "JobConfig", features, summary: dict, parsed, msas, affinity_pass
                     features, recycling_steps=sampling.recycling_steps, sampling_steps=sampling.sampling_steps,
                     diffusion_samples=sampling.diffusion_samples, max_parallel_samples=sampling.max_parallel_samples,
                     generator=generator, dtype=dtype, gather_pae=job.output.write_full_pae,
-                    gather_pde=job.output.write_full_pde, progress=progress, hooks=checkpointer, resume=resume_point)
+                    gather_pde=job.output.write_full_pde, progress=progress, hooks=checkpointer, resume=resume_point,
+                    cuda_graphs=job.runtime.cuda_graphs)
         except Preempted as stopped:
             progress.say(f"{stopped}; exiting with code {EXIT_PREEMPTED}. Resume with: foldcp-hpc run "
                          f"{job.source} --resume {stopped.path.parent}")
@@ -287,7 +288,7 @@ def _affinity(job: "JobConfig", grid, parsed, msas, top_coords, precision, progr
         prediction = model.predict(features, recycling_steps=sampling.affinity_recycling_steps,
                                    sampling_steps=sampling.affinity_sampling_steps,
                                    diffusion_samples=sampling.affinity_diffusion_samples, max_parallel_samples=1,
-                                   generator=generator, dtype=precision.dtype,
+                                   generator=generator, dtype=precision.dtype, cuda_graphs=job.runtime.cuda_graphs,
                                    progress=lambda stage, done, total, detail="": progress(
                                        f"affinity pass: {stage}", done, total, detail))
     if grid.rank == 0:

@@ -64,9 +64,62 @@ def test_flash_triangle_attention_and_merge():
 def test_flash_triangle_attention_refuses_bad_shapes():
     from foldcp_hpc.kernels.triangle_attention import flash_triangle_attention
 
-    q = torch.randn(2, 5, 2, 12)
-    with pytest.raises(ValueError, match="power of two"):
+    q = torch.randn(2, 5, 2, 300)
+    with pytest.raises(ValueError, match="head widths 1 to 256, got 300"):
         flash_triangle_attention(q, q, q, torch.zeros(1, 2, 5, 5), torch.zeros(2, 5), 1.0, 2)
+    q = torch.randn(2, 5, 2, 16)
+    with pytest.raises(ValueError, match="do not fit"):
+        flash_triangle_attention(q, q, q, torch.zeros(1, 2, 5, 4), torch.zeros(2, 5), 1.0, 2)
+
+
+def _attention_reference(q, k, v, bias, mask_bias, scale, rows):
+    """float64 softmax attention of float32 (or bfloat16, taken exactly) q, k, v: [R, J|K, H, D]."""
+    q, k, v, bias, mask_bias = (t.double() for t in (q, k, v, bias, mask_bias))
+    logits = torch.einsum("rjhd,rkhd->rhjk", q, k) * scale + bias.repeat_interleave(rows, 0) \
+        + mask_bias[:, None, None, :]
+    return torch.einsum("rhjk,rkhd->rjhd", logits.softmax(-1), v)
+
+
+@pytest.mark.parametrize("width", [24, 48])
+def test_flash_attention_any_head_width(width):
+    """The single track's head widths (384 / 16, 768 / 16) are padded inside the kernel: float32 IEEE products
+    give the float64 result to float32 rounding; the bias is read through the strides of a channel-last view."""
+    from foldcp_hpc.kernels.triangle_attention import flash_triangle_attention
+
+    torch.manual_seed(2)
+    samples, n_j, n_k, heads = 3, 13, 18, 2
+    q, k, v = (torch.randn(samples, n, heads, width) for n in (n_j, n_k, n_k))
+    bias = torch.randn(1, n_j, n_k, 3 * heads)[..., heads:2 * heads].movedim(-1, 1)  # [B,H,J,K], strided
+    mask_bias = torch.zeros(samples, n_k)
+    mask_bias[:, 5] = -1e6
+    mask_bias[:, 15:] = -1e30
+    scale = width**-0.5
+    out, _ = flash_triangle_attention(q, k, v, bias, mask_bias, scale, samples)
+    expected = _attention_reference(q, k, v, bias, mask_bias, scale, samples)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attention_exact_weights():
+    """bfloat16 q, k, v: with exact_weights the weights reach the values with ~16 bits, so the float32 output
+    is within float32-like error of the exact result, far inside the plain kernel's bfloat16-weight error."""
+    from foldcp_hpc.kernels.triangle_attention import flash_triangle_attention
+
+    torch.manual_seed(3)
+    samples, n, heads, width = 2, 40, 2, 48
+    q, k, v = (torch.randn(samples, n, heads, width).bfloat16() for _ in range(3))
+    bias = torch.randn(1, heads, n, n)
+    mask_bias = torch.zeros(samples, n)
+    expected = _attention_reference(q, k, v, bias, mask_bias, width**-0.5, samples)
+
+    def error(exact):
+        out, _ = flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, samples, exact_weights=exact,
+                                          out_dtype=torch.float32)
+        assert out.dtype == torch.float32
+        return float((out.double() - expected).norm() / expected.norm())
+
+    plain, exact = error(False), error(True)
+    assert exact < 2e-5 and plain > 20 * exact, (plain, exact)
 
 
 @pytest.mark.parametrize("act", ["sigmoid", "silu"])
@@ -94,3 +147,67 @@ def test_gate_product_matches_pytorch(act, accumulate):
     torch.testing.assert_close(_reference(value, gate, act, torch.zeros_like(y), mask, False), y)
     with pytest.raises(ValueError, match="act must be one of"):
         gate_product(value, gate, "relu", out=torch.empty_like(value))
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_norm_gate_matches_pytorch(same):
+    """LayerNorm, two bfloat16 projections with float32 accumulation and the sigmoid gate in one pass: as
+    PyTorch computes the same steps (LayerNorm in float32, rounded to bfloat16, products widened), to float32
+    rounding. Channel-first input and output (the triangle product, the operands) and in-place accumulation."""
+    from foldcp_hpc.kernels.norm_gate import norm_gate, norm_gate_ok
+
+    torch.manual_seed(4)
+    rows, channels, n_out = 37, 32, 72
+    norm_v, norm_g = torch.nn.LayerNorm(channels), torch.nn.LayerNorm(channels, eps=1e-5)
+    with torch.no_grad():
+        for norm in (norm_v, norm_g):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-1, 1)
+    w_v, w_g = (torch.randn(n_out, channels).bfloat16() for _ in range(2))
+    x_v = torch.randn(channels, rows).t() * 2 + 1  # [M, C] with channel-first strides
+    x_g = None if same else torch.randn(rows, channels)
+    mask = (torch.rand(rows) > 0.3).float()
+
+    def reference(x, norm, w):
+        return norm(x).bfloat16().float() @ w.float().t()
+
+    gate = reference(x_v if same else x_g, norm_v if same else norm_g, w_g)
+    expected = reference(x_v, norm_v, w_v) * torch.sigmoid(gate) * mask[:, None]
+    assert norm_gate_ok(x_v, channels) and not norm_gate_ok(x_v, 24)
+    with torch.no_grad():
+        out = torch.empty(n_out, rows)  # channel-first output
+        norm_gate(x_v, norm_v, w_v, w_g, out=out, x_g=x_g, norm_g=None if same else norm_g, mask=mask,
+                  out_rows_first=False)
+        torch.testing.assert_close(out.t(), expected, rtol=1e-4, atol=1e-4)
+        base = torch.randn(rows, n_out)
+        acc = base.clone()
+        norm_gate(x_v, norm_v, w_v, w_g, out=acc, x_g=x_g, norm_g=None if same else norm_g, mask=mask,
+                  accumulate=True)
+        torch.testing.assert_close(acc, base + expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        norm_gate(x_v, norm_v, w_v.float(), w_g.float(), out=out, out_rows_first=False)
+
+
+def test_swiglu_add_matches_pytorch():
+    """The transition in one pass, in place: as PyTorch computes the same steps (LayerNorm in float32 rounded to
+    bfloat16, fc1 and fc2 widened, silu(fc1) * fc2 in float32 rounded to bfloat16, fc3 widened), to float32
+    rounding."""
+    from foldcp_hpc.kernels.swiglu import swiglu_add, swiglu_ok
+
+    torch.manual_seed(5)
+    rows, channels, hidden = 37, 32, 128
+    norm = torch.nn.LayerNorm(channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    w1, w2 = (torch.randn(hidden, channels).bfloat16() for _ in range(2))
+    w3 = (torch.randn(channels, hidden) / 8).bfloat16()
+    x = torch.randn(rows, channels) * 2 + 1
+    with torch.no_grad():
+        xn = norm(x).bfloat16().float()
+        a, b = xn @ w1.float().t(), xn @ w2.float().t()
+        expected = x + (torch.nn.functional.silu(a) * b).bfloat16().float() @ w3.float().t()
+        assert swiglu_ok(x, channels, hidden) and not swiglu_ok(x, channels, 96)
+        out = x.clone()
+        assert swiglu_add(out, norm, w1, w2, w3) is out
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

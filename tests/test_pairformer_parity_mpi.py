@@ -107,6 +107,44 @@ def test_triangle_multiplication_incoming(grid):
     run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z, mask=pm), lambda m, z, pm: m(z, mask=pm), seed=20)
 
 
+@pytest.mark.parametrize("outgoing", [True, False])
+def test_triangle_multiplication_fused(grid, outgoing, monkeypatch):
+    """Under autocast, ``add_update``'s operands and output gate run as one fused kernel each (LayerNorm,
+    projections, gates; Triton's interpreter on the CPU): equal to the unfused autocast path up to float32
+    summation order and the odd LayerNorm output rounded to the other neighbouring bfloat16 (their statistics
+    are summed in another order), and within bfloat16 rounding of boltz's module in float64."""
+    import foldcp_hpc.model.triangular_mult as trimul
+    from boltz.model.layers import triangular_mult as boltz_mult
+
+    pytest.importorskip("triton")
+    if grid.p > 1:  # keep the suite's time (22 s at 4 ranks): the operands' Cannon ring is the unfused path's
+        pytest.skip("the fused kernels in Triton's interpreter run on one rank")
+    name = "TriangleMultiplicationOutgoing" if outgoing else "TriangleMultiplicationIncoming"
+    dim = 32
+    ref, mine = build(getattr(boltz_mult, name), getattr(ours, name), (dim,), {}, grid, seed=11 + outgoing)
+    z = shared_randn(B, N, N, dim, seed=110)
+    mask = token_mask(B, N, 111)
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    with float64_reference(), torch.no_grad():
+        expected = z + ref(z, mask=pair_mask)
+    mine = mine.float()
+    calls = []
+    fused = trimul.norm_gate
+    monkeypatch.setattr(trimul, "norm_gate", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("FOLDCP_TRITON", switch)
+        tile = grid.scatter_pair(z.float()).contiguous()  # as the model's tiles (the kernel reads z as rows)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            results[switch] = grid.gather_pair(mine.add_update(tile, grid.scatter_pair(pair_mask.float())), N)
+    assert calls, "the fused kernel was not used"
+    keep = pair_mask[..., None]
+    against_unfused = relative_error(results["1"].double() * keep, results["0"].double() * keep)
+    against_boltz = relative_error(results["1"].double() * keep, expected * keep)
+    assert everywhere(grid, against_unfused <= 1e-3 and against_boltz <= 2e-2), \
+        f"rank {grid.rank}: {against_unfused:.2e} against the unfused path, {against_boltz:.2e} against boltz"
+
+
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_triangle_attention_starting_node(grid, chunk):
     from boltz.model.layers.triangular_attention.attention import TriangleAttentionStartingNode as Ref
@@ -192,6 +230,35 @@ def test_transition_on_tiles(grid):
     run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z), lambda m, z, pm: m(z), seed=50)
 
 
+def test_transition_fused(grid, monkeypatch):
+    """Under autocast, ``add_update`` runs the whole transition as one kernel (Triton's interpreter on the CPU),
+    which keeps fc1 and fc2 in float32: its error against boltz's module in float64 is within bfloat16 rounding
+    and no larger than the unfused autocast path's."""
+    import foldcp_hpc.model.transition as transition
+    from boltz.model.layers.transition import Transition as Ref
+
+    pytest.importorskip("triton")
+    if grid.p > 1:  # the transition is tile-local: one rank covers it
+        pytest.skip("the fused kernel in Triton's interpreter runs on one rank")
+    dim = 32
+    ref, mine = build(Ref, lambda *a, grid: ours.Transition(*a), (dim, 4 * dim), {}, grid, seed=6)
+    z = shared_randn(B, N, N, dim, seed=60)
+    with float64_reference(), torch.no_grad():
+        expected = z + ref(z)
+    mine = mine.float()
+    calls = []
+    fused = transition.swiglu_add
+    monkeypatch.setattr(transition, "swiglu_add", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    errors = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("FOLDCP_TRITON", switch)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mine.add_update(z.float().contiguous())
+        errors[switch] = relative_error(out.double(), expected)
+    assert calls, "the fused kernel was not used"
+    assert errors["1"] <= 2e-2 and errors["1"] <= 1.1 * errors["0"], errors
+
+
 @pytest.mark.parametrize("tell_n", [True, False])
 def test_pairformer_noseq_module(grid, tell_n):
     """With n_tokens given, or taken from what grid.scatter_pair recorded (boltz's own forward arguments)."""
@@ -254,6 +321,40 @@ def test_attention_pair_bias(grid):
 
     ref, mine = build(Ref, ours.AttentionPairBias, (C_S, C_Z, 4), {}, grid, seed=7)
     run_single_track(grid, ref, mine, lambda m, s, z, mask, pm: (m(s=s, z=z, mask=mask, k_in=s), None), seed=70)
+
+
+@pytest.mark.parametrize("precomputed", [False, True])
+def test_attention_pair_bias_kernel(grid, precomputed, monkeypatch):
+    """Inference through the flash kernel (Triton's interpreter on the CPU), float32, against boltz's module in
+    float64: the Pairformer's single track (bias projected from z; head width 24) and the token transformer's
+    (a precomputed bias tile, 2 samples sharing it; head width 12). At p = 2 the rows' partial softmaxes merge."""
+    from boltz.model.layers.attentionv2 import AttentionPairBias as Ref
+
+    from foldcp_hpc.kernels import triangle_attention as flash
+
+    pytest.importorskip("triton")
+    if grid.p > 2:  # keep the suite's time: the merge along grid rows is covered at p = 2
+        pytest.skip("the kernel in Triton's interpreter runs at 1 and 4 ranks")
+    monkeypatch.setenv("FOLDCP_TRITON", "1")  # conftest chose Triton's interpreter
+    calls = []
+    kernel = flash.flash_triangle_attention
+    monkeypatch.setattr(flash, "flash_triangle_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    c_s, heads, samples = (48, 4, 2) if precomputed else (48, 2, 1)
+    c_z = heads if precomputed else C_Z
+    ref, mine = build(Ref, ours.AttentionPairBias, (c_s, None if precomputed else c_z, heads),
+                      {"compute_pair_bias": not precomputed}, grid, seed=8 + precomputed)
+    s = shared_randn(B * samples, N, c_s, seed=80)
+    z = shared_randn(B, N, N, c_z, seed=81)
+    mask = token_mask(B, N, 82).repeat_interleave(samples, 0)
+    with float64_reference(), torch.no_grad():
+        expected = ref(s=s, z=z, mask=mask, k_in=s, multiplicity=samples)
+    mine = mine.float()
+    with torch.no_grad():
+        out = mine(s=s.float(), z=grid.scatter_pair(z.float()), mask=mask.float(), k_in=s.float(),
+                   multiplicity=samples)
+    assert calls, "the kernel was not used"
+    error = relative_error(out.double(), expected)
+    assert everywhere(grid, error <= 1e-5), f"rank {grid.rank}: error {error:.2e}"
 
 
 @pytest.mark.parametrize("blocks", [2])

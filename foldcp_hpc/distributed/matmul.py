@@ -34,18 +34,23 @@ def cannon_matmul(a: torch.Tensor, b: torch.Tensor, grid: "ProcessGrid", out_dty
         return _cannon(a, b, grid, out_dtype or a.dtype)
 
 
-def widening_bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` for [G, I, K] and [G, K, J] operands, accumulated and returned in ``out_dtype``.
+def widening_bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` for [G, I, K] and [G, K, J] operands, accumulated and returned in ``out_dtype`` (written into
+    ``out`` [G, I, J], contiguous, when given).
 
     On CUDA the tensor-core GEMM reads the low-precision operands and accumulates in ``out_dtype``
     (``torch.bmm(..., out_dtype=)``); elsewhere the operands are widened first, which is the same product
     (widening is exact), summed in another order.
     """
     if a.dtype == out_dtype:
-        return torch.matmul(a, b)
+        return torch.bmm(a, b, out=out) if out is not None else torch.matmul(a, b)
     if a.is_cuda:
-        return torch.bmm(a, b, out_dtype=out_dtype)
-    return torch.bmm(a.to(out_dtype), b.to(out_dtype))
+        if out is None:
+            return torch.bmm(a, b, out_dtype=out_dtype)
+        return torch.bmm(a, b, out_dtype=out_dtype, out=out)
+    product = torch.bmm(a.to(out_dtype), b.to(out_dtype))
+    return product if out is None else out.copy_(product)
 
 
 def _cannon(a: torch.Tensor, b: torch.Tensor, grid: "ProcessGrid", out_dtype: torch.dtype) -> torch.Tensor:

@@ -12,6 +12,13 @@ float32 accumulation, as Boltz's kernel path; float32 inputs use IEEE float32 pr
 
 Returns the normalised output and the log-sum-exp of each query, so that partial results over key blocks
 (one per ring step on a grid) merge exactly (:func:`merge_partial`).
+
+The same kernel serves the single track's attention with pair bias (Boltz's ``AttentionPairBias``: the rows
+are the samples, the bias is shared by a batch entry's samples), whose head widths (24, 48) are not powers of
+two: the head dim is padded to one inside the kernel. Boltz computes that attention in float32; with
+``exact_weights`` the kernel multiplies the softmax weights into the values as two bfloat16 halves (the weight
+rounded, then its remainder), which carries ~16 bits of each weight instead of 8, so that bfloat16 operands
+(exact in float32) give float32's result up to summation order.
 """
 
 from __future__ import annotations
@@ -67,14 +74,14 @@ def _build():
     if os.environ.get("TRITON_INTERPRET") == "1":
         configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
 
-    @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE"])
+    @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE", "SPLIT_P"])
     @triton.jit
     def forward(q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, lse_ptr,
                 sq_r, sq_j, sq_h, sk_r, sk_k, sk_h, sv_r, sv_k, sv_h,
                 sb_b, sb_h, sb_j, sb_k, sm_r, so_r, so_j, so_h, sl_r, sl_h,
                 n_rows, rows_per_batch, rows_per_group, n_j, n_k, scale,
-                HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # Programs in groups of rows: consecutive programs take the group's rows for one query block, then the
         # next query block, so the group's keys and values and the bias block in use are read from L2.
         pid = tl.program_id(0)
@@ -87,12 +94,13 @@ def _build():
         block_j = (pid % per_group) // group_rows
         batch = row // rows_per_batch
         offs_j = block_j * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, BLOCK_D)  # the head dim padded to a power of two; in_d masks the padding
+        in_d = offs_d < HEAD_DIM
         offs_n = tl.arange(0, BLOCK_N)
         in_j = offs_j < n_j
 
         q = tl.load(q_ptr + row * sq_r + head * sq_h + offs_j[:, None] * sq_j + offs_d[None, :],
-                    mask=in_j[:, None], other=0.0)
+                    mask=in_j[:, None] & in_d[None, :], other=0.0)
         if UPCAST:  # the interpreter's dot mishandles bfloat16 operands
             q = q.to(tl.float32)
         k_base = k_ptr + row * sk_r + head * sk_h
@@ -102,12 +110,13 @@ def _build():
 
         run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         qk_scale = scale * 1.4426950408889634
         for start in range(0, n_k, BLOCK_N):
             offs_k = start + offs_n
             in_k = offs_k < n_k
-            k = tl.load(k_base + offs_k[:, None] * sk_k + offs_d[None, :], mask=in_k[:, None], other=0.0)
+            k = tl.load(k_base + offs_k[:, None] * sk_k + offs_d[None, :], mask=in_k[:, None] & in_d[None, :],
+                        other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
             if IEEE:
@@ -123,21 +132,32 @@ def _build():
             weights = tl.exp2(logits - safe_max[:, None])
             alpha = tl.exp2(run_max - safe_max)
             run_sum = run_sum * alpha + tl.sum(weights, 1)
-            v = tl.load(v_base + offs_k[:, None] * sv_k + offs_d[None, :], mask=in_k[:, None], other=0.0)
-            if UPCAST:  # rounded as the GPU rounds the weights, then multiplied in float32
-                v = v.to(tl.float32)
-                weights = weights.to(v_ptr.dtype.element_ty).to(tl.float32)
+            v = tl.load(v_base + offs_k[:, None] * sv_k + offs_d[None, :], mask=in_k[:, None] & in_d[None, :],
+                        other=0.0)
+            acc = acc * alpha[:, None]
             if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v, input_precision="ieee")
+                acc = tl.dot(weights, v, acc, input_precision="ieee")
             else:
-                acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
+                # the weights rounded to the values' dtype (as the GPU rounds them); with SPLIT_P their remainder
+                # is rounded and multiplied too: ~16 of float32's 24 bits of each weight reach the product
+                high = weights.to(v_ptr.dtype.element_ty)
+                if UPCAST:  # the interpreter's dot mishandles bfloat16 operands: multiply in float32
+                    v = v.to(tl.float32)
+                    acc = tl.dot(high.to(tl.float32), v, acc, input_precision="ieee")
+                    if SPLIT_P:
+                        low = (weights - high.to(tl.float32)).to(v_ptr.dtype.element_ty)
+                        acc = tl.dot(low.to(tl.float32), v, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(high, v, acc)
+                    if SPLIT_P:
+                        acc = tl.dot((weights - high.to(tl.float32)).to(v_ptr.dtype.element_ty), v, acc)
             run_max = new_max
 
         empty = run_sum == 0.0
         norm = tl.where(empty, 1.0, run_sum)
         out = acc / norm[:, None]
         tl.store(out_ptr + row * so_r + head * so_h + offs_j[:, None] * so_j + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=in_j[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=in_j[:, None] & in_d[None, :])
         safe_max = tl.where(run_max == float("-inf"), 0.0, run_max)
         lse = tl.where(empty, float("-inf"), (safe_max + tl.log2(norm)) * 0.6931471805599453)
         tl.store(lse_ptr + row * sl_r + head * sl_h + offs_j, lse, mask=in_j)
@@ -146,23 +166,25 @@ def _build():
 
 
 def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask_bias: Tensor, scale: float,
-                             rows_per_batch: int) -> tuple[Tensor, Tensor]:
+                             rows_per_batch: int, *, exact_weights: bool = False,
+                             out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Attention of every row's queries over the same row's keys, with a per-batch [H, J, K] bias.
 
-    q: [R, J, H, D] queries of R rows (R = B x rows, batch-major; any strides with D contiguous);
-    k, v: [R, K, H, D] keys and values of the same rows; bias: [B, H, J, K] triangle bias (any float dtype);
-    mask_bias: [R, K] float32 additive key bias (the mask and padding); scale: multiplies q . k;
-    rows_per_batch: R // B.
-    returns: (o [R, J, H, D] in q's dtype, lse [R, H, J] float32 natural-log sum of exponentials; -inf where
-    a query saw no key).
+    q: [R, J, H, D] queries of R rows (R = B x rows, batch-major; any strides with D contiguous; D <= 256);
+    k, v: [R, K, H, D] keys and values of the same rows; bias: [B, H, J, K] triangle bias (any float dtype and
+    strides); mask_bias: [R, K] float32 additive key bias (the mask and padding); scale: multiplies q . k;
+    rows_per_batch: R // B; exact_weights: the weights reach the values' product with ~16 bits (see the module
+    docstring), for bfloat16 / float16 operands; out_dtype: o's dtype (default q's).
+    returns: (o [R, J, H, D], lse [R, H, J] float32 natural-log sum of exponentials; -inf where a query saw no
+    key).
     """
     forward = _triton()
     if forward is None:
         raise RuntimeError("the flash triangle-attention kernel needs Triton (pip install triton)")
     n_rows, n_j, heads, width = q.shape
     n_k = k.shape[1]
-    if width & (width - 1) or width < 16:
-        raise ValueError(f"the kernel needs a head width that is a power of two >= 16, got {width}")
+    if not 1 <= width <= 256:
+        raise ValueError(f"the kernel takes head widths 1 to 256, got {width}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dim, strides {tuple(t.stride())}")
@@ -170,7 +192,7 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
         raise ValueError(f"bias {tuple(bias.shape)} / mask_bias {tuple(mask_bias.shape)} do not fit q "
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")
     mask_bias = mask_bias.float().contiguous()
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype if out_dtype is None else out_dtype)
     lse = torch.empty(n_rows, heads, n_j, device=q.device, dtype=torch.float32)
     if n_rows == 0 or n_j == 0:
         return out, lse
@@ -188,7 +210,8 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
                   bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3), mask_bias.stride(0),
                   out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                   n_rows, rows_per_batch, rows_per_group, n_j, n_k, float(scale),
-                  HEAD_DIM=width, IEEE=q.dtype == torch.float32,
+                  HEAD_DIM=width, BLOCK_D=max(16, 1 << (width - 1).bit_length()), IEEE=q.dtype == torch.float32,
+                  SPLIT_P=exact_weights and q.dtype != torch.float32,
                   UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32)
     return out, lse
 

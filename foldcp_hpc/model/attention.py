@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..distributed import autograd as cp
 from ..distributed import collectives as raw
+from ..kernels import triangle_attention as flash
 from .common import (PAD_BIAS, ChunkWriter, at_least_f32, block_is_padding, per_token, repeat_samples, row_chunks,
                      rows_within)
 
@@ -93,6 +94,8 @@ class AttentionPairBias(nn.Module):
         q = self.proj_q(s_rows).view(batch, -1, heads, width)  # [B,I,H,D] block r
         k = self.proj_k(k_cols).view(batch, -1, heads, width)  # [B,J,H,D] block c
         v = self.proj_v(k_cols).view(batch, -1, heads, width)
+        if self._use_kernel(q, k, v, z):
+            return self._kernel_attention(q, k, v, z, key_mask, n_tokens, multiplicity).reshape(batch, -1, self.c_s)
         bias = repeat_samples(self._pair_bias(z), multiplicity)  # [B,H,I,J]
         with torch.autocast("cuda", enabled=False):
             logits = torch.einsum("bihd,bjhd->bhij", at_least_f32(q), at_least_f32(k))
@@ -108,3 +111,44 @@ class AttentionPairBias(nn.Module):
             acc = cp.all_reduce(torch.einsum("bhij,bjhd->bihd", weights, at_least_f32(v)), grid, "row")
             o = (acc / norm.permute(0, 2, 1)[..., None]).to(v.dtype)  # [B,I,H,D] block r
         return o.reshape(batch, -1, self.c_s)
+
+    def _use_kernel(self, q: Tensor, k: Tensor, v: Tensor, z: Tensor) -> bool:
+        """Whether :meth:`row_attention` runs the flash kernel: forward only (no tensor needs a gradient), not in
+        float64 (the parity tests' exact path), where the ``FOLDCP_TRITON`` switch allows it."""
+        if q.dtype == torch.float64 or z.dtype == torch.float64:
+            return False
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or z.requires_grad):
+            return False
+        return flash.kernels_available(q.device)
+
+    def _kernel_attention(self, q: Tensor, k: Tensor, v: Tensor, z: Tensor, key_mask: Tensor, n_tokens: int,
+                          multiplicity: int) -> Tensor:
+        """:meth:`row_attention`'s softmax and weighted values in the flash kernel: no [H, I, J] logits are stored,
+        and the weights reach the values with ~16 bits (``exact_weights``), so that bfloat16 q, k, v give Boltz's
+        float32 result up to summation order. A precomputed bias tile is read in place (any dtype and strides).
+
+        q: [B m, I, H, D] block r; k, v: [B m, J, H, D] block c; z: the pair or bias tile; key_mask: [B m, J].
+        returns o: [B m, I, H, D] block r in v's dtype, the grid row's partial softmaxes combined.
+        """
+        grid = self.grid
+        if self.compute_pair_bias:
+            bias = self._pair_bias(z)  # [B,H,I,J] float32, made a few rows at a time
+        else:
+            bias = z.movedim(-1, 1)  # [B,I,J,H] -> [B,H,I,J], a view
+        mask_bias = (1 - at_least_f32(key_mask)) * -self.inf  # [B m, J]
+        padding = block_is_padding(n_tokens, grid, grid.col, q.device)
+        if padding is not None:
+            mask_bias = mask_bias.masked_fill(padding, PAD_BIAS)
+        partial = grid.p > 1
+        o, lse = flash.flash_triangle_attention(
+            q, k, v, bias, mask_bias, self.head_dim**-0.5, multiplicity, exact_weights=True,
+            out_dtype=torch.float32 if partial else v.dtype)
+        if not partial:
+            return o
+        # the row's partial softmaxes: o = sum_c exp(lse_c - lse) o_c over the grid row
+        row_max = raw.all_reduce(lse, grid, "row", op="max")  # [B m,H,I]
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        weight = torch.exp(lse - row_max)
+        norm = raw.all_reduce(weight, grid, "row")
+        acc = raw.all_reduce(o * weight.transpose(1, 2)[..., None], grid, "row")  # [B m,I,H,D]
+        return (acc / norm.transpose(1, 2)[..., None]).to(v.dtype)

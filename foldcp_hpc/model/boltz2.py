@@ -135,12 +135,13 @@ class FoldModel(nn.Module):
                 max_parallel_samples: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
                 gather_pae: bool = False, gather_pde: bool = False,
                 progress: Optional[Callable[..., None]] = None, hooks: Optional[PredictHooks] = None,
-                resume: Optional[ResumePoint] = None) -> Prediction:
+                resume: Optional[ResumePoint] = None, cuda_graphs: bool = True) -> Prediction:
         """Fold one input: features in, coordinates and confidence out (see :class:`Prediction`).
 
         generator: seeded alike on every rank; progress(stage, done, total[, detail]) is called as stages advance;
         hooks: told after every Pairformer block and sampler step; resume: start from a checkpoint's point (the
-        result equals the uninterrupted run's).
+        result equals the uninterrupted run's); cuda_graphs: replay the sampler's score model from a CUDA graph
+        on a one-rank grid on CUDA (:meth:`~foldcp_hpc.model.sampler.AtomDiffusion.scorer`).
         """
         if self.steering:
             raise ValueError(f"inference-time steering ({', '.join(self.steering)}) is not implemented; "
@@ -188,7 +189,7 @@ class FoldModel(nn.Module):
         coords = self.structure_module.sample(
             trunk.s_inputs, trunk.s, token, atom, conditioning, generator, num_sampling_steps=sampling_steps,
             multiplicity=diffusion_samples, max_parallel_samples=max_parallel_samples, on_step=after_step,
-            start_step=start_step, start_coords=start_coords)
+            start_step=start_step, start_coords=start_coords, cuda_graphs=cuda_graphs)
         del conditioning
         confidences, pae, pde = [], [], []
         if self.confidence_prediction:

@@ -122,13 +122,22 @@ class DiffusionConditioning(nn.Module):
         return Conditioning(q, c, atom_enc_bias, atom_dec_bias, key_mask, self._token_bias(z), layout)
 
     def _token_bias(self, z: Tensor) -> Tensor:
-        """[B, n, n, depth x heads]: layer l's heads at channels [l heads, (l + 1) heads), as Boltz concatenates."""
+        """[B, n, n, depth x heads]: layer l's heads at channels [l heads, (l + 1) heads), as Boltz concatenates.
+        Without autograd a heads-first tensor viewed channel-last (strides [W n n, n, 1, n n])."""
         n = z.shape[1]
         heads = self.token_trans_proj_z[0][1].out_features
         width = heads * len(self.token_trans_proj_z)
         rows = chunk_rows(CHUNK_BUDGET, z.numel(), z[:, :1].numel() + z.shape[0] * n * width, n,
                           z.is_cuda)
-        writer = ChunkWriter(dim=1, size=n)
+        parts, out = [], None
         for sl in row_chunks(n, rows):
-            writer.put(sl, torch.cat([proj(z[:, sl]) for proj in self.token_trans_proj_z], dim=-1))
-        return writer.result()
+            chunk = torch.cat([proj(z[:, sl]) for proj in self.token_trans_proj_z], dim=-1)  # [B, rows, n, L H]
+            if chunk.requires_grad:
+                parts.append(chunk)
+                continue
+            if out is None:
+                # stored heads-first, viewed channel-last: each layer's [B, H, n, n] bias is one dense block that
+                # the token transformer's attention reads in place, every sampler step
+                out = chunk.new_empty(z.shape[0], width, n, n).permute(0, 2, 3, 1)  # [B,W,I,J] -> [B,I,J,W]
+            out[:, sl] = chunk
+        return torch.cat(parts, dim=1) if out is None else out

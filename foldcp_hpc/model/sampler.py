@@ -14,6 +14,7 @@ Not implemented: Boltz's inference-time steering (FK steering, physical and cont
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import sqrt
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -24,8 +25,10 @@ from ..distributed import collectives as raw
 from ..distributed.autograd import gather_atoms
 from ..distributed.layout import replica_share
 from .diffusion import DiffusionModule
+from .graphed import GraphedCall
 
 if TYPE_CHECKING:
+    from ..distributed.atom_layout import AtomWindowLayout
     from ..distributed.grid import ProcessGrid
     from .diffusion_conditioning import Conditioning
 
@@ -110,43 +113,59 @@ class AtomDiffusion(nn.Module):
         return nn.functional.pad(sigmas * self.sigma_data, (0, 1), value=0.0)
 
     def _step(self, noisy: Tensor, atom_mask: Tensor, t_hat: float, sigma_t: float, chunks: Sequence[Tensor],
-              s_inputs: Tensor, s_trunk: Tensor, token: dict[str, Tensor], atom: dict[str, Tensor],
-              conditioning: "Conditioning") -> Tensor:
+              score: "_Score") -> Tensor:
         """One sampler step of the samples in ``noisy`` [S, M, 3] (replicated), denoised a chunk of sample
-        indices at a time; atom_mask: [S, M]. Returns their new coordinates [S, M, 3]."""
+        indices at a time; atom_mask: [S, M]; score: see :meth:`denoise`. Returns their new coordinates
+        [S, M, 3]."""
         denoised = torch.zeros_like(noisy)
         for chunk in chunks:
-            denoised[chunk] = self.denoise(noisy[chunk], t_hat, s_inputs, s_trunk, token, atom, conditioning)
+            denoised[chunk] = self.denoise(noisy[chunk], t_hat, score)
         if self.alignment_reverse_diff:
             mask = atom_mask.to(noisy.dtype)
             noisy = weighted_rigid_align(noisy, denoised, mask, mask).to(denoised)
         return noisy + self.step_scale * (sigma_t - t_hat) * ((noisy - denoised) / t_hat)
 
-    def denoise(self, noisy: Tensor, sigma: float, s_inputs: Tensor, s_trunk: Tensor, token: dict[str, Tensor],
-                atom: dict[str, Tensor], conditioning: "Conditioning") -> Tensor:
-        """The preconditioned network: denoised coordinates [S, M, 3] (replicated) of noisy [S, M, 3]."""
+    def denoise(self, noisy: Tensor, sigma: float, score: "_Score") -> Tensor:
+        """The preconditioned network: denoised coordinates [S, M, 3] (replicated) of noisy [S, M, 3].
+
+        score(r_own, times): the score model on this rank's atoms r_own [S, m_own, 3] at noise levels times [S]
+        (:meth:`scorer`); returns this rank's coordinate updates [S, m_own, 3].
+        """
         samples = noisy.shape[0]
         sigma_t = torch.full((samples,), sigma, dtype=noisy.dtype, device=noisy.device)
         padded = sigma_t[:, None, None]  # [S] -> [S, 1, 1]
-        layout = conditioning.layout
+        layout = score.layout
         a0, a1 = layout.atoms(self.grid.axis("grid").index)
         r_own = (self.c_in(padded) * noisy)[:, a0:a1]
-        update = self.score_model(s_inputs, s_trunk, r_own, self.c_noise(sigma_t), token, atom, conditioning,
-                                  multiplicity=samples)
-        update = gather_atoms(update, self.grid, layout)
+        update = gather_atoms(score(r_own, self.c_noise(sigma_t)), self.grid, layout)
         return self.c_skip(padded) * noisy + self.c_out(padded) * update
+
+    def scorer(self, s_inputs: Tensor, s_trunk: Tensor, token: dict[str, Tensor], atom: dict[str, Tensor],
+               conditioning: "Conditioning", cuda_graphs: bool = True) -> "_Score":
+        """The score model with everything but the noisy atoms and the noise levels bound: ``score(r_own,
+        times)``, with ``score.layout`` the atom windows. On a one-rank grid on CUDA without autograd (and
+        ``cuda_graphs``) the calls after the second replay a CUDA graph (:mod:`.graphed`); elsewhere each call
+        runs eagerly (collectives along the grid are not recorded)."""
+
+        def call(r_own: Tensor, times: Tensor) -> Tensor:
+            return self.score_model(s_inputs, s_trunk, r_own, times, token, atom, conditioning,
+                                    multiplicity=r_own.shape[0])
+
+        graphs = cuda_graphs and self.grid.axis("grid").size == 1 and s_trunk.is_cuda and not torch.is_grad_enabled()
+        return _Score(GraphedCall(call, enabled=graphs), conditioning.layout)
 
     @torch.no_grad()
     def sample(self, s_inputs: Tensor, s_trunk: Tensor, token: dict[str, Tensor], atom: dict[str, Tensor],
                conditioning: "Conditioning", generator: torch.Generator, num_sampling_steps: Optional[int] = None,
                multiplicity: int = 1, max_parallel_samples: Optional[int] = None,
                on_step: Optional[Callable[[int, int, Tensor], None]] = None, start_step: int = 0,
-               start_coords: Optional[Tensor] = None) -> Tensor:
+               start_coords: Optional[Tensor] = None, cuda_graphs: bool = True) -> Tensor:
         """Sampled coordinates [multiplicity, M, 3], replicated on every rank of the grid.
 
         generator: every rank's must be seeded alike (same seed, same device type); ``on_step(step, steps,
         coords)`` is called after each step (progress, checkpoints). A resumed run passes the checkpoint's
         ``start_step`` (steps done), ``start_coords`` [multiplicity, M, 3] and a generator in the state saved there.
+        cuda_graphs: replay the score model from a CUDA graph where :meth:`scorer` can (one-rank grids on CUDA).
         """
         steps = self.num_sampling_steps if num_sampling_steps is None else num_sampling_steps
         max_parallel_samples = multiplicity if max_parallel_samples is None else max_parallel_samples
@@ -159,6 +178,7 @@ class AtomDiffusion(nn.Module):
             coords = sigmas[0] * torch.randn(shape, dtype=dtype, device=device, generator=generator)
         else:
             coords = start_coords.to(dtype=dtype, device=device)
+        score = self.scorer(s_inputs, s_trunk, token, atom, conditioning, cuda_graphs)
         for step, (sigma_tm, sigma_t, gamma) in enumerate(zip(sigmas[:-1], sigmas[1:], gammas[1:])):
             if step < start_step:
                 continue
@@ -172,10 +192,9 @@ class AtomDiffusion(nn.Module):
             eps = sqrt(noise_var) * torch.randn(shape, dtype=dtype, device=device, generator=generator)
             noisy = coords + eps
             step_args = (t_hat, sigma_t)
-            inputs = (s_inputs, s_trunk, token, atom, conditioning)
             if self.grid.dp == 1:  # Boltz's chunks: multiplicity % max_parallel_samples + 1 of them
                 chunks = torch.arange(multiplicity).chunk(multiplicity % max_parallel_samples + 1)
-                coords = self._step(noisy, atom_mask, *step_args, chunks, *inputs)
+                coords = self._step(noisy, atom_mask, *step_args, chunks, score)
             else:
                 # dp replicas: every replica drew every sample's noise above (the generators stay in step); it
                 # steps its replica_share of the samples, and each share travels along the replica axis: the
@@ -185,11 +204,23 @@ class AtomDiffusion(nn.Module):
                 if len(own):
                     rows = slice(own.start, own.stop)
                     chunks = torch.arange(len(own)).split(max_parallel_samples)
-                    coords[rows] = self._step(noisy[rows], atom_mask[rows], *step_args, chunks, *inputs)
+                    coords[rows] = self._step(noisy[rows], atom_mask[rows], *step_args, chunks, score)
                 coords = share_samples(coords, self.grid)
             if on_step is not None:
                 on_step(step + 1, steps, coords)
+        score.call.release()
         return coords
+
+
+@dataclass
+class _Score:
+    """The bound score model (:meth:`AtomDiffusion.scorer`) and the atom windows it scores."""
+
+    call: GraphedCall
+    layout: "AtomWindowLayout"
+
+    def __call__(self, r_own: Tensor, times: Tensor) -> Tensor:
+        return self.call(r_own, times)
 
 
 def share_samples(values: Tensor, grid: "ProcessGrid") -> Tensor:

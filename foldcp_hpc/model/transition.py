@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.gating import gate_product
+from ..kernels.swiglu import swiglu_add, swiglu_ok
 from .common import (ChunkWriter, autocast_low_dtype, inference_rows, layer_norm, refuse_autograd, row_chunks,
                      rows_within, wide_linear)
 
@@ -59,8 +60,14 @@ class Transition(nn.Module):
         if self.fc3.out_features != x.shape[-1]:
             raise ValueError(f"add_update needs out_dim == dim, got {self.fc3.out_features} for inputs of "
                              f"{x.shape[-1]} channels")
+        low = autocast_low_dtype(x)
+        if low is not None and x.is_contiguous() and swiglu_ok(x, x.shape[-1], self.hidden):
+            # one kernel pass: LayerNorm, fc1, fc2, the gate and fc3, the hidden layer never in memory
+            weights = [w.to(low).contiguous() for w in (self.fc1.weight, self.fc2.weight, self.fc3.weight)]
+            swiglu_add(x.view(-1, x.shape[-1]), self.norm, *weights)
+            return x
         # under autocast the update is added unrounded (float32): each chunk's goes straight into x
-        mlp = self._mlp if autocast_low_dtype(x) is None else lambda rows, _: self._wide_mlp(rows)
+        mlp = self._mlp if low is None else lambda rows, _: self._wide_mlp(rows)
         if x.dim() < 3:
             return x.add_(mlp(x, chunk_size))
         per_row = x[:, :1].numel() // x.shape[-1] * self.hidden

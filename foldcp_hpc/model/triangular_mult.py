@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..distributed import autograd as cp
 from ..distributed.matmul import cannon_matmul, tile_matmul, widening_bmm
 from ..kernels.gating import gate_product
+from ..kernels.norm_gate import norm_gate, norm_gate_ok
 from .common import (ChunkWriter, autocast_low_dtype, inference_rows, layer_norm, refuse_autograd, row_chunks,
                      wide_linear)
 
@@ -124,8 +125,20 @@ class _TriangleMultiplication(nn.Module):
         product = z.new_empty((dim, *z.shape[:3]), dtype=dtype)
         # on a grid each group's Cannon ring holds skewed, in-flight and result copies: smaller groups there
         groups = INPLACE_CHANNEL_GROUPS if self.grid.p == 1 else 4 * INPLACE_CHANNEL_GROUPS
+        low = autocast_low_dtype(z)
+        fused = (low is not None and z.is_contiguous() and operand == low
+                 and norm_gate_ok(z, dim))
         for group in row_chunks(dim, -(-dim // groups)):
-            self._contract(*self._operands(z, mask, group, chunks, operand), out=product[group])
+            operands = (self._fused_operands(z, mask, group, low) if fused
+                        else self._operands(z, mask, group, chunks, operand))
+            self._contract(*operands, out=product[group])
+
+        if fused:  # z += p_out(LN_out(product)) * sigmoid(g_out(LN_in(z))): one pass over z and the product
+            rows = z.view(-1, dim)  # [B*I*J, D]
+            norm_gate(product.view(dim, -1).t(), self.norm_out, self.p_out.weight.to(low).contiguous(),
+                      self.g_out.weight.to(low).contiguous(), out=rows, x_g=rows, norm_g=self.norm_in,
+                      accumulate=True)  # [D,B,I,J] read as rows [B*I*J, D] (channel-first strides)
+            return z
 
         # Output gating, in row chunks; each chunk's gate reads z's rows before the update is added to them
         # (under autocast both GEMMs return float32: gate, product and update are not rounded to bfloat16)
@@ -138,6 +151,18 @@ class _TriangleMultiplication(nn.Module):
             else:  # z += update * sigmoid(gate) in one pass, nothing rounded to bfloat16
                 gate_product(update, gate, "sigmoid", out=z[:, rows], accumulate=True)
         return z
+
+    def _fused_operands(self, z: Tensor, mask: Tensor, group: slice, low: torch.dtype) -> tuple[Tensor, Tensor]:
+        """:meth:`_operands` in one kernel pass over z (:func:`~foldcp_hpc.kernels.norm_gate.norm_gate`): the
+        LayerNorm, the four projections, the gates and the mask, a and b written channel-first in ``low``."""
+        width = group.stop - group.start
+        other = slice(self.dim + group.start, self.dim + group.stop)
+        value = torch.cat([self.p_in.weight[group], self.p_in.weight[other]]).to(low)  # [2g, D]: a then b
+        gate = torch.cat([self.g_in.weight[group], self.g_in.weight[other]]).to(low)
+        ab = z.new_empty((2 * width, z[..., 0].numel()), dtype=low)  # [2g, B*I*J]
+        norm_gate(z.view(-1, self.dim), self.norm_in, value, gate, out=ab, mask=mask.reshape(-1),
+                  out_rows_first=False)
+        return ab[:width].view(width, *z.shape[:3]), ab[width:].view(width, *z.shape[:3])  # [g, B, I, J] each
 
     def _operands(self, z: Tensor, mask: Tensor, group: slice, chunks: list[slice], dtype: torch.dtype
                   ) -> tuple[Tensor, Tensor]:
@@ -186,11 +211,8 @@ class _TriangleMultiplication(nn.Module):
             if out is None:
                 return tile_matmul(a, b, grid)
             if grid.p == 1:  # the GEMM writes into ``out`` (contiguous): no result buffer of its own
-                view = out.view(-1, *out.shape[-2:])
-                if a.dtype == out.dtype:
-                    torch.bmm(a.flatten(0, 1), b.flatten(0, 1), out=view)
-                else:  # low-precision operands, float32 accumulation and result
-                    view.copy_(widening_bmm(a.flatten(0, 1), b.flatten(0, 1), out.dtype))
+                # (low-precision operands: float32 accumulation and result)
+                widening_bmm(a.flatten(0, 1), b.flatten(0, 1), out.dtype, out=out.view(-1, *out.shape[-2:]))
                 return out
             return out.copy_(cannon_matmul(a, b, grid, out_dtype=out.dtype))
 
