@@ -12,7 +12,7 @@ output and every transient included. The stages, in the order a run meets them:
     distogram       trunk.distogram_module(z)                                   -> logits tile
     trunk           the whole trunk forward (every stage above, no recycle)     -> TrunkOutput
     conditioning    diffusion_conditioning(s, z, rel, token, atom)              -> Conditioning (kept while sampling)
-    sampler_step    structure_module.denoise(noisy, sigma, ...) for the samples -> denoised coordinates
+    sampler_step    structure_module.denoise(noisy, sigma, score) for the samples -> denoised coordinates
     confidence      confidence_module(...) of one sample, pair_base included     -> SampleConfidence
 
 On the CPU the glibc allocator must put every tensor buffer in its own mapping for the reading to count
@@ -132,8 +132,10 @@ def _run_stages(grid, model, features, dtype, stages, samples, seed, warm_up, se
         cond = run("conditioning", lambda: model.diffusion_conditioning(out.s, out.z, rel, token, atom))
         generator = torch.Generator().manual_seed(seed + 1)
         noisy = 100 * torch.randn(samples, features.n_atoms, 3, generator=generator).to(device=device, dtype=dtype)
-        coords = run("sampler_step", lambda: model.structure_module.denoise(noisy, 80.0, out.s_inputs, out.s, token,
-                                                                           atom, cond))
+        # one eager call (a CUDA graph's recording holds the same working memory)
+        score = model.structure_module.scorer(out.s_inputs, out.s, token, atom, cond, cuda_graphs=False)
+        coords = run("sampler_step", lambda: model.structure_module.denoise(noisy, 80.0, score))
+        del score
         del cond
         if "confidence" in stages:
             run("confidence", lambda: model.confidence_module(out.s_inputs, out.s, out.z, coords[:1], token, atom,

@@ -14,9 +14,16 @@ from torch import Tensor
 
 from .lazy import lazy_kernel
 
+# the kernels' callees (:mod:`.tiles`): set among this module's globals when the kernel is first built
+normalise = None
+
 
 @lazy_kernel
 def _kernel(triton, tl):
+    from .tiles import HELPERS
+
+    globals().update(HELPERS)  # the kernel's callees, found among this module's globals (see .tiles)
+
     @triton.jit
     def layer_norm_rows(x_ptr, w_ptr, b_ptr, out_ptr, n_rows, sx_m, sx_c, eps,
                         C: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -26,12 +33,7 @@ def _kernel(triton, tl):
         # 64-bit offsets: a channel-first input's channel stride times C passes 2^31 beyond N ~ 4,100
         offsets = rows[:, None] * sx_m + cols[None, :].to(tl.int64) * sx_c
         x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        mean = tl.sum(x, 1) / C
-        centred = x - mean[:, None]
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
-        w = tl.load(w_ptr + cols).to(tl.float32)
-        b = tl.load(b_ptr + cols).to(tl.float32)
-        y = centred * rstd[:, None] * w[None, :] + b[None, :]
+        y = normalise(x, w_ptr, b_ptr, eps, C)
         tl.store(out_ptr + rows[:, None] * C + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=inside)
 
     return layer_norm_rows

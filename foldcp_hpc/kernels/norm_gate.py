@@ -29,6 +29,9 @@ from torch import Tensor
 
 from .lazy import lazy_kernel
 
+# the kernels' callees (:mod:`.tiles`): set among this module's globals when the kernel is first built
+normalise = round_bf16 = None
+
 __all__ = ["norm_gate", "norm_gate_ok"]
 
 
@@ -38,6 +41,9 @@ def _kernel(triton, tl):
                for bm, w, s in ((64, 4, 2), (128, 8, 2), (64, 8, 2), (32, 4, 2), (128, 4, 2))]
     if os.environ.get("TRITON_INTERPRET") == "1":
         configs = [triton.Config({"BLOCK_M": 16})]
+    from .tiles import HELPERS
+
+    globals().update(HELPERS)  # the kernel's callees, found among this module's globals (see .tiles)
 
     @triton.autotune(configs=configs, key=["n_out", "C", "BLOCK_E", "SAME", "ACCUMULATE"])
     @triton.jit
@@ -51,28 +57,16 @@ def _kernel(triton, tl):
         cols = tl.arange(0, C)
         low = wv_ptr.dtype.element_ty  # the GEMM's operand dtype (bfloat16 or float16)
         # LayerNorm of the value rows (and of the gate rows), statistics in float32, rounded once to `low`
-        x = tl.load(xv_ptr + rows[:, None] * sxv_m + cols[None, :].to(tl.int64) * sxv_c, mask=inside[:, None],
-                    other=0.0).to(tl.float32)
-        centred = x - (tl.sum(x, 1) / C)[:, None]
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps_v)
-        xv = centred * rstd[:, None] * tl.load(nv_w + cols).to(tl.float32)[None, :] \
-            + tl.load(nv_b + cols).to(tl.float32)[None, :]
+        xv = normalise(tl.load(xv_ptr + rows[:, None] * sxv_m + cols[None, :].to(tl.int64) * sxv_c,
+                               mask=inside[:, None], other=0.0).to(tl.float32), nv_w, nv_b, eps_v, C)
         if SAME:
             xg = xv
         else:
-            x = tl.load(xg_ptr + rows[:, None] * sxg_m + cols[None, :].to(tl.int64) * sxg_c, mask=inside[:, None],
-                        other=0.0).to(tl.float32)
-            centred = x - (tl.sum(x, 1) / C)[:, None]
-            rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps_g)
-            xg = centred * rstd[:, None] * tl.load(ng_w + cols).to(tl.float32)[None, :] \
-                + tl.load(ng_b + cols).to(tl.float32)[None, :]
-        if UPCAST:
-            # the interpreter's dot mishandles bfloat16 operands, and its casts truncate: the operands rounded to
-            # bfloat16 to nearest even by hand, kept in float32 (the GPU's cast gives the same values)
-            bits = xv.to(tl.int32, bitcast=True)
-            xv = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-            bits = xg.to(tl.int32, bitcast=True)
-            xg = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+            xg = normalise(tl.load(xg_ptr + rows[:, None] * sxg_m + cols[None, :].to(tl.int64) * sxg_c,
+                                   mask=inside[:, None], other=0.0).to(tl.float32), ng_w, ng_b, eps_g, C)
+        if UPCAST:  # the interpreter's dot mishandles bfloat16 operands: rounded by hand, kept in float32
+            xv = round_bf16(xv)
+            xg = round_bf16(xg)
         else:
             xv = xv.to(low)
             xg = xg.to(low)

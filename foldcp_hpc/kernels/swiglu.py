@@ -21,6 +21,9 @@ from torch import Tensor
 
 from .lazy import lazy_kernel
 
+# the kernels' callees (:mod:`.tiles`): set among this module's globals when the kernel is first built
+normalise = round_bf16 = None
+
 __all__ = ["swiglu_add", "swiglu_ok"]
 
 
@@ -31,6 +34,9 @@ def _kernel(triton, tl):
                                     (128, 32, 8, 2))]
     if os.environ.get("TRITON_INTERPRET") == "1":
         configs = [triton.Config({"BLOCK_M": 16, "BLOCK_H": 16})]
+    from .tiles import HELPERS
+
+    globals().update(HELPERS)  # the kernel's callees, found among this module's globals (see .tiles)
 
     @triton.autotune(configs=configs, key=["C", "HIDDEN"])
     @triton.jit
@@ -43,13 +49,9 @@ def _kernel(triton, tl):
         low = w1_ptr.dtype.element_ty
         rows_ptr = x_ptr + rows[:, None] * sx_m + cols[None, :]
         x = tl.load(rows_ptr, mask=inside[:, None], other=0.0).to(tl.float32)
-        centred = x - (tl.sum(x, 1) / C)[:, None]
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
-        xn = centred * rstd[:, None] * tl.load(n_w + cols).to(tl.float32)[None, :] \
-            + tl.load(n_b + cols).to(tl.float32)[None, :]
-        if UPCAST:  # the interpreter: bfloat16 rounding to nearest even by hand, kept in float32
-            bits = xn.to(tl.int32, bitcast=True)
-            xn = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        xn = normalise(x, n_w, n_b, eps, C)
+        if UPCAST:  # the interpreter's dot mishandles bfloat16 operands: rounded by hand, kept in float32
+            xn = round_bf16(xn)
         else:
             xn = xn.to(low)
         acc = tl.zeros([BLOCK_M, C], tl.float32)
@@ -66,8 +68,7 @@ def _kernel(triton, tl):
             b = tl.dot(xn, w2)
             h = a * tl.sigmoid(a) * b  # silu(fc1) * fc2 in float32
             if UPCAST:
-                bits = h.to(tl.int32, bitcast=True)
-                h = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+                h = round_bf16(h)
             else:
                 h = h.to(low)
             acc = tl.dot(h, w3, acc)

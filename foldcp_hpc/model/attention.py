@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from ..distributed import autograd as cp
 from ..distributed import collectives as raw
 from ..kernels import triangle_attention as flash
-from .common import (PAD_BIAS, ChunkWriter, at_least_f32, block_is_padding, per_token, repeat_samples, row_chunks,
-                     rows_within)
+from .common import (PAD_BIAS, ChunkWriter, at_least_f32, block_is_padding, layer_norm, per_token, repeat_samples,
+                     row_chunks, rows_within)
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -75,9 +75,11 @@ class AttentionPairBias(nn.Module):
         if not self.compute_pair_bias:
             return self.proj_z(at_least_f32(z))  # [B,I,J,H] -> [B,H,I,J]
         rows = rows_within(z.numel() / 8, z[:, :1].numel(), z.shape[1])
+        norm, linear, heads_first = self.proj_z
         bias = ChunkWriter(dim=2, size=z.shape[1])
         for sl in row_chunks(z.shape[1], rows):
-            bias.put(sl, self.proj_z(at_least_f32(z[:, sl])))
+            # layer_norm: the Triton kernel without autograd on CUDA (PyTorch's gives each 128-channel row a block)
+            bias.put(sl, heads_first(linear(layer_norm(norm, at_least_f32(z[:, sl])))))
         return bias.result()
 
     def row_attention(self, s_rows: Tensor, k_cols: Tensor, z: Tensor, key_mask: Tensor, n_tokens: int,

@@ -106,6 +106,9 @@ class _TriangleMultiplication(nn.Module):
         (a 1 / ``INPLACE_ROW_FRACTION`` of the rows at a time). ``norm_in`` runs once per group and row chunk
         and all four projections of a group (a, b and their gates) are one GEMM. On one rank the product GEMM
         writes straight into the product; on a p x p grid the Cannon ring's copies add about 6/16 of a tile.
+        Under autocast where Triton runs (CUDA), a group's operands and then the output gate are one fused kernel
+        pass each over z (:mod:`~foldcp_hpc.kernels.norm_gate`): no row chunks and no float32 projections in
+        memory, the same arithmetic.
         """
         refuse_autograd(self, z)
         dim, dtype = self.dim, contraction_dtype(z.dtype)
@@ -118,20 +121,17 @@ class _TriangleMultiplication(nn.Module):
         # ``.float()`` widens them exactly), so they stay in bfloat16 (and travel the Cannon ring so) and the
         # GEMM accumulates and writes float32 (tensor cores on CUDA): Boltz's float32 product, summed in
         # another order.
-        operand, kind = dtype, z.device.type
-        if (dtype == torch.float32 and torch.is_autocast_enabled(kind)
-                and torch.get_autocast_dtype(kind) in LOW_PRECISION):
-            operand = torch.get_autocast_dtype(kind)
+        low = autocast_low_dtype(z)
+        operand = low if dtype == torch.float32 and low is not None else dtype
         product = z.new_empty((dim, *z.shape[:3]), dtype=dtype)
         # on a grid each group's Cannon ring holds skewed, in-flight and result copies: smaller groups there
         groups = INPLACE_CHANNEL_GROUPS if self.grid.p == 1 else 4 * INPLACE_CHANNEL_GROUPS
-        low = autocast_low_dtype(z)
         fused = (low is not None and z.is_contiguous() and operand == low
                  and norm_gate_ok(z, dim))
         for group in row_chunks(dim, -(-dim // groups)):
-            operands = (self._fused_operands(z, mask, group, low) if fused
-                        else self._operands(z, mask, group, chunks, operand))
-            self._contract(*operands, out=product[group])
+            # (no name holds a group's operands: they are freed before the next group's are made)
+            self._contract(*(self._fused_operands(z, mask, group, low) if fused
+                             else self._operands(z, mask, group, chunks, operand)), out=product[group])
 
         if fused:  # z += p_out(LN_out(product)) * sigmoid(g_out(LN_in(z))): one pass over z and the product
             rows = z.view(-1, dim)  # [B*I*J, D]
@@ -181,14 +181,12 @@ class _TriangleMultiplication(nn.Module):
             x = layer_norm(self.norm_in, z[:, rows])  # [B,i,J,D]
             if low is None:
                 projected = torch.matmul(weight, x.reshape(-1, x.shape[-1]).t())  # [4g, B*i*J]
+                gated = projected[:2 * width].mul_(projected[2 * width:].sigmoid_())  # [2g, B*i*J]
+                gated.mul_(mask[:, rows].reshape(1, -1).to(gated.dtype))
             else:  # float32 GEMM output: the gate, the product and the mask in float32, rounded once
                 with torch.autocast(z.device.type, enabled=False):
                     projected = widening_bmm(weight.to(low)[None], x.reshape(-1, x.shape[-1]).t().to(low)[None],
                                              torch.float32)[0]
-            if low is None:
-                gated = projected[:2 * width].mul_(projected[2 * width:].sigmoid_())  # [2g, B*i*J]
-                gated.mul_(mask[:, rows].reshape(1, -1).to(gated.dtype))
-            else:
                 gated = projected.new_empty(2 * width, projected.shape[1], dtype=dtype)
                 gate_product(projected[:2 * width], projected[2 * width:], "sigmoid", out=gated,
                              mask=mask[:, rows].reshape(-1))
