@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 # Triton kernels run in Triton's CPU interpreter in the tests (only where a test asks for them with
 # FOLDCP_TRITON=1); the interpreter must be chosen before Triton is first imported.
@@ -33,6 +34,17 @@ def everywhere(grid, ok: bool) -> bool:
     from mpi4py import MPI
 
     return bool(grid.comm.allreduce(int(bool(ok)), op=MPI.MIN))
+
+
+def quiet_bcast(grid, value):
+    """``grid.comm.bcast(value, root=0)`` after a barrier the ranks wait at asleep (a polled Ibarrier).
+
+    For a value rank 0 alone computes (boltz's reference): ranks spinning inside MPI while they wait would take
+    the CPU from rank 0's work on an oversubscribed test machine (9 ranks on 2 cores)."""
+    request = grid.comm.Ibarrier()
+    while not request.Test():
+        time.sleep(0.002)
+    return grid.comm.bcast(value, root=0)
 
 
 def _clean_env(env: dict | None) -> dict:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from boltz_reference import boltz2_forward, perturb_, relative_error
-from conftest import everywhere
+from conftest import everywhere, quiet_bcast
 from foldcp_hpc.data.affinity import affinity_features
 from foldcp_hpc.data.inputs import ParsedInput
 from test_features import SAME_AS_BOLTZ, feature_pairs, mismatches, mol_dir  # noqa: F401 - fixture
@@ -145,7 +145,7 @@ def test_affinity_model_equals_boltz2_forward(grid, mol_dir, tmp_path_factory): 
             out = boltz2_forward(model, feats, recycling_steps=0, num_sampling_steps=2, diffusion_samples=2,
                                  max_parallel_samples=1, run_confidence_sequentially=True)
             reference = {k: out[k] for k in (*keys, "iptm")}
-        reference = grid.comm.bcast(reference, root=0)
+        reference = quiet_bcast(grid, reference)
 
         mine = FoldModel(hp, grid=grid).double().eval()
         mine.load_boltz_state(model.state_dict())

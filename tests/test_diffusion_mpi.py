@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from boltz_reference import double, float64_reference, perturb_, relative_error, shared_randn
-from conftest import everywhere
+from conftest import everywhere, quiet_bcast
 from foldcp_hpc.data.boltz2_hparams import diffusion_conditioning_args, reduced_boltz2_hparams
 from foldcp_hpc.data.features import featurize
 from foldcp_hpc.distributed.autograd import take_tile
@@ -188,7 +188,7 @@ def test_sampler_equals_boltz(grid, mixed_features):
                                                                "token_trans_bias": tok})["sample_atom_coords"]
         finally:
             torch.set_default_dtype(default)
-    reference = grid.comm.bcast(reference, root=0)
+    reference = quiet_bcast(grid, reference)
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # gamma_0 is taken in the default dtype, by Boltz and by us

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from boltz_reference import boltz2_forward, perturb_, relative_error
-from conftest import everywhere
+from conftest import everywhere, quiet_bcast
 from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
 from foldcp_hpc.data.features import featurize
 from foldcp_hpc.distributed.autograd import take_tile
@@ -46,7 +46,7 @@ def test_fold_model_equals_boltz2_forward(grid, mol_dir, tmp_path_factory):  # n
             out = boltz2_forward(model, feats, recycling_steps=1, num_sampling_steps=3, diffusion_samples=2,
                                  max_parallel_samples=2, run_confidence_sequentially=True)
             reference = {k: out[k] for k in ("sample_atom_coords", "plddt", "pae", "pde", "pair_chains_iptm", *SCALARS)}
-        reference = grid.comm.bcast(reference, root=0)
+        reference = quiet_bcast(grid, reference)
 
         mine = FoldModel(hp, grid=grid).double().eval()
         mine.load_boltz_state(model.state_dict())

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import everywhere
+from conftest import everywhere, quiet_bcast
 from foldcp_hpc.bench.stages import measure_stages, mmap_every_buffer
 from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
 from foldcp_hpc.plan import Architecture, Problem, stage_transients
@@ -40,7 +40,7 @@ def synthetic_features(grid, n_tokens: int, msa_rows: int):
         with tempfile.TemporaryDirectory() as tmp:
             path = write_input(Path(tmp), n_tokens, msa_rows)
             package = _featurize(path, Path("~/.cache/foldcp_hpc/ccd").expanduser(), with_boltz=False)[0]
-    return grid.comm.bcast(package, root=0)
+    return quiet_bcast(grid, package)
 
 
 def test_planned_stage_peaks_match_measured_ones(grid):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from boltz_reference import double, float64_reference, perturb_, relative_error
-from conftest import everywhere
+from conftest import everywhere, quiet_bcast
 from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
 from foldcp_hpc.data.features import featurize
 from foldcp_hpc.distributed.autograd import take_tile
@@ -64,7 +64,7 @@ def run_and_compare(grid, ref_feats, ours, templates=None):
     if grid.rank == 0:
         with torch.no_grad(), float64_reference():
             reference = boltz_trunk(model, feats, recycling_steps=RECYCLES)
-    s_inputs_ref, s_ref, z_ref, d_ref = grid.comm.bcast(reference, root=0)
+    s_inputs_ref, s_ref, z_ref, d_ref = quiet_bcast(grid, reference)
 
     trunk = Trunk(hp, grid=grid).double().eval()
     trunk.load_state_dict(trunk.boltz_state(model.state_dict()), strict=True)
