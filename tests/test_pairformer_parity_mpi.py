@@ -26,6 +26,13 @@ FORWARD_TOL = 1e-10
 GRAD_TOL = 1e-8
 
 
+def counted(monkeypatch, module, name: str) -> list:
+    """``module.name`` wrapped for the test: returns a list that gains an entry per call (a kernel path taken)."""
+    calls, original = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
 def build(ref_cls, our_cls, args, kwargs, grid, seed):
     """boltz's module with the same (perturbed) weights on every rank, and ours loaded from it strictly."""
     torch.manual_seed(seed)
@@ -128,9 +135,7 @@ def test_triangle_multiplication_fused(grid, outgoing, monkeypatch):
     with float64_reference(), torch.no_grad():
         expected = z + ref(z, mask=pair_mask)
     mine = mine.float()
-    calls = []
-    fused = trimul.norm_gate
-    monkeypatch.setattr(trimul, "norm_gate", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    calls = counted(monkeypatch, trimul, "norm_gate")
     results = {}
     for switch in ("1", "0"):
         monkeypatch.setenv("FOLDCP_TRITON", switch)
@@ -246,9 +251,7 @@ def test_transition_fused(grid, monkeypatch):
     with float64_reference(), torch.no_grad():
         expected = z + ref(z)
     mine = mine.float()
-    calls = []
-    fused = transition.swiglu_add
-    monkeypatch.setattr(transition, "swiglu_add", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    calls = counted(monkeypatch, transition, "swiglu_add")
     errors = {}
     for switch in ("1", "0"):
         monkeypatch.setenv("FOLDCP_TRITON", switch)
@@ -336,9 +339,7 @@ def test_attention_pair_bias_kernel(grid, precomputed, monkeypatch):
     if grid.p > 2:  # keep the suite's time: the merge along grid rows is covered at p = 2
         pytest.skip("the kernel in Triton's interpreter runs at 1 and 4 ranks")
     monkeypatch.setenv("FOLDCP_TRITON", "1")  # conftest chose Triton's interpreter
-    calls = []
-    kernel = flash.flash_triangle_attention
-    monkeypatch.setattr(flash, "flash_triangle_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    calls = counted(monkeypatch, flash, "flash_triangle_attention")
     c_s, heads, samples = (48, 4, 2) if precomputed else (48, 2, 1)
     c_z = heads if precomputed else C_Z
     ref, mine = build(Ref, ours.AttentionPairBias, (c_s, None if precomputed else c_z, heads),
