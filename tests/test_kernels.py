@@ -100,6 +100,25 @@ def test_flash_attention_any_head_width(width):
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_j, n_k", [(32, 48), (32, 37), (35, 48)])
+def test_flash_attention_whole_and_partial_blocks(n_j, n_k):
+    """Whole key blocks skip the bounds checks and the partial last one keeps them (the interpreter's blocks are
+    16): every mix of whole and partial query and key blocks, with masked keys, against float64."""
+    from foldcp_hpc.kernels.triangle_attention import flash_triangle_attention
+
+    torch.manual_seed(4)
+    rows, heads, width = 2, 2, 32
+    q, k, v = (torch.randn(rows, n, heads, width) for n in (n_j, n_k, n_k))
+    bias = torch.randn(1, heads, n_j, n_k)
+    mask_bias = torch.zeros(rows, n_k)
+    mask_bias[0, 3] = -1e9
+    mask_bias[1, n_k - 2:] = -1e30
+    out, lse = flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, rows)
+    expected = _attention_reference(q, k, v, bias, mask_bias, width**-0.5, rows)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(lse).all()
+
+
 def test_flash_attention_exact_weights():
     """bfloat16 q, k, v: with exact_weights the weights reach the values with ~16 bits, so the float32 output
     is within float32-like error of the exact result, far inside the plain kernel's bfloat16-weight error."""

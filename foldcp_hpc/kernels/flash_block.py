@@ -1,0 +1,87 @@
+"""The flash attention kernel's inner step (:mod:`.triangle_attention`): one block of keys into the running
+softmax.
+
+This module imports Triton when it is imported; the kernel builder imports it on first use and puts
+:func:`key_block` among its module's globals (see :mod:`.tiles` for why).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["key_block", "HELPERS"]
+
+
+@triton.jit
+def key_block(acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, offs_n, offs_d, in_j, in_d,
+              sk_k, sv_k, sb_k, n_k, qk_scale, MASK_D: tl.constexpr,
+              MASK_J: tl.constexpr, MASK_K: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """The keys start .. start + BLOCK_N of one row and head into the running (acc, max, sum) of its queries.
+
+    acc: [BLOCK_M, BLOCK_D] float32 unnormalised output; run_max, run_sum: [BLOCK_M] float32 (log2 units);
+    q: [BLOCK_M, BLOCK_D] queries; k_base, v_base, b_base, m_base: pointers to the row's keys, values, its
+    batch entry's bias rows of these queries ([BLOCK_M, 1] pointers) and its key mask. MASK_D, MASK_J, MASK_K:
+    bounds checks on the padded head dim, the queries past n_j (bias only), the keys past n_k; whole blocks
+    skip them.
+    """
+    offs_k = start + offs_n
+    if MASK_K:
+        in_k = offs_k < n_k
+        kv_mask = in_k[:, None] & in_d[None, :]
+        k = tl.load(k_base + offs_k[:, None] * sk_k + offs_d[None, :], mask=kv_mask, other=0.0)
+    elif MASK_D:
+        k = tl.load(k_base + offs_k[:, None] * sk_k + offs_d[None, :], mask=in_d[None, :], other=0.0)
+    else:
+        k = tl.load(k_base + offs_k[:, None] * sk_k + offs_d[None, :])
+    if UPCAST:  # the interpreter's dot mishandles bfloat16 operands
+        k = k.to(tl.float32)
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    b_ptrs = b_base + offs_k[None, :] * sb_k
+    if MASK_K:
+        bias = tl.load(b_ptrs, mask=in_j[:, None] & in_k[None, :], other=0.0)
+        key_bias = tl.load(m_base + offs_k, mask=in_k, other=float("-inf"))  # -inf past the keys
+    else:
+        if MASK_J:
+            bias = tl.load(b_ptrs, mask=in_j[:, None], other=0.0)
+        else:
+            bias = tl.load(b_ptrs)
+        key_bias = tl.load(m_base + offs_k)
+    # logits in log2 units: two FMAs per element
+    logits = qk * qk_scale + (bias.to(tl.float32) * 1.4426950408889634 + key_bias[None, :] * 1.4426950408889634)
+    new_max = tl.maximum(run_max, tl.max(logits, 1))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    weights = tl.exp2(logits - safe_max[:, None])
+    alpha = tl.exp2(run_max - safe_max)
+    run_sum = run_sum * alpha + tl.sum(weights, 1)
+    if MASK_K:
+        v = tl.load(v_base + offs_k[:, None] * sv_k + offs_d[None, :], mask=kv_mask, other=0.0)
+    elif MASK_D:
+        v = tl.load(v_base + offs_k[:, None] * sv_k + offs_d[None, :], mask=in_d[None, :], other=0.0)
+    else:
+        v = tl.load(v_base + offs_k[:, None] * sv_k + offs_d[None, :])
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(weights, v, acc, input_precision="ieee")
+    else:
+        # the weights rounded to the values' dtype (as the GPU rounds them); with SPLIT_P their remainder is
+        # rounded and multiplied too: ~16 of float32's 24 bits of each weight reach the product
+        high = weights.to(v.dtype)
+        if UPCAST:  # the interpreter's dot mishandles bfloat16 operands: multiply in float32
+            v = v.to(tl.float32)
+            acc = tl.dot(high.to(tl.float32), v, acc, input_precision="ieee")
+            if SPLIT_P:
+                low = (weights - high.to(tl.float32)).to(high.dtype)
+                acc = tl.dot(low.to(tl.float32), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(high, v, acc)
+            if SPLIT_P:
+                acc = tl.dot((weights - high.to(tl.float32)).to(v.dtype), v, acc)
+    return acc, new_max, run_sum
+
+
+HELPERS = {"key_block": key_block}
