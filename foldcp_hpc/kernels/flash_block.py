@@ -14,6 +14,20 @@ __all__ = ["key_block", "HELPERS"]
 
 
 @triton.jit
+def key_rows(base, offs_k, stride, offs_d, in_k, in_d, MASK_K: tl.constexpr, MASK_D: tl.constexpr):
+    """The [BLOCK_N, BLOCK_D] rows offs_k of a row's keys or values, zero past n_k (MASK_K) or the head dim
+    (MASK_D)."""
+    ptrs = base + offs_k[:, None] * stride + offs_d[None, :]
+    if MASK_K:
+        rows = tl.load(ptrs, mask=in_k[:, None] & in_d[None, :], other=0.0)
+    elif MASK_D:
+        rows = tl.load(ptrs, mask=in_d[None, :], other=0.0)
+    else:
+        rows = tl.load(ptrs)
+    return rows
+
+
+@triton.jit
 def key_block(acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, offs_n, offs_d, in_j, in_d,
               sk_k, sv_k, sb_k, n_k, qk_scale, MASK_D: tl.constexpr,
               MASK_J: tl.constexpr, MASK_K: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
@@ -27,14 +41,8 @@ def key_block(acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, o
     skip them.
     """
     offs_k = start + offs_n
-    if MASK_K:
-        in_k = offs_k < n_k
-        kv_mask = in_k[:, None] & in_d[None, :]
-        k = tl.load(k_base + offs_k[:, None] * sk_k + offs_d[None, :], mask=kv_mask, other=0.0)
-    elif MASK_D:
-        k = tl.load(k_base + offs_k[:, None] * sk_k + offs_d[None, :], mask=in_d[None, :], other=0.0)
-    else:
-        k = tl.load(k_base + offs_k[:, None] * sk_k + offs_d[None, :])
+    in_k = offs_k < n_k
+    k = key_rows(k_base, offs_k, sk_k, offs_d, in_k, in_d, MASK_K, MASK_D)
     if UPCAST:  # the interpreter's dot mishandles bfloat16 operands
         k = k.to(tl.float32)
     if IEEE:
@@ -58,12 +66,7 @@ def key_block(acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, o
     weights = tl.exp2(logits - safe_max[:, None])
     alpha = tl.exp2(run_max - safe_max)
     run_sum = run_sum * alpha + tl.sum(weights, 1)
-    if MASK_K:
-        v = tl.load(v_base + offs_k[:, None] * sv_k + offs_d[None, :], mask=kv_mask, other=0.0)
-    elif MASK_D:
-        v = tl.load(v_base + offs_k[:, None] * sv_k + offs_d[None, :], mask=in_d[None, :], other=0.0)
-    else:
-        v = tl.load(v_base + offs_k[:, None] * sv_k + offs_d[None, :])
+    v = key_rows(v_base, offs_k, sv_k, offs_d, in_k, in_d, MASK_K, MASK_D)
     acc = acc * alpha[:, None]
     if IEEE:
         acc = tl.dot(weights, v, acc, input_precision="ieee")
