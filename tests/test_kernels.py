@@ -119,6 +119,28 @@ def test_flash_attention_whole_and_partial_blocks(n_j, n_k):
     assert torch.isfinite(lse).all()
 
 
+def test_flash_attention_gate():
+    """With a gate (a strided view, as the model's projection split), o comes back as o * sigmoid(gate), and the
+    log-sum-exp is the ungated attention's; a gate of another shape is refused."""
+    from foldcp_hpc.kernels.triangle_attention import flash_triangle_attention
+
+    torch.manual_seed(5)
+    rows, n_j, n_k, heads, width = 2, 19, 33, 2, 16
+    q, k, v = (torch.randn(rows, n, heads, width) for n in (n_j, n_k, n_k))
+    gate = torch.randn(rows, n_j, 3 * heads * width)[..., heads * width:2 * heads * width].unflatten(-1, (heads, width))
+    bias = torch.randn(1, heads, n_j, n_k)
+    mask_bias = torch.zeros(rows, n_k)
+    mask_bias[1, 7] = -1e9
+    plain, lse = flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, rows)
+    gated, gated_lse = flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, rows, gate=gate)
+    expected = _attention_reference(q, k, v, bias, mask_bias, width**-0.5, rows) * torch.sigmoid(gate.double())
+    torch.testing.assert_close(gated.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gated_lse, lse)
+    assert not torch.allclose(gated, plain)
+    with pytest.raises(ValueError, match="gate"):
+        flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, rows, gate=gate[:, 1:])
+
+
 def test_flash_attention_exact_weights():
     """bfloat16 q, k, v: with exact_weights the weights reach the values with ~16 bits, so the float32 output
     is within float32-like error of the exact result, far inside the plain kernel's bfloat16-weight error."""

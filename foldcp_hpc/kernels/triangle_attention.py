@@ -83,12 +83,13 @@ def _build():
     @triton.heuristics({"EVEN_J": lambda a: a["n_j"] % a["BLOCK_M"] == 0,
                         "EVEN_K": lambda a: a["n_k"] % a["BLOCK_N"] == 0})
     @triton.jit
-    def forward(q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, lse_ptr,
-                sq_r, sq_j, sq_h, sk_r, sk_k, sk_h, sv_r, sv_k, sv_h,
+    def forward(q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, lse_ptr, g_ptr,
+                sq_r, sq_j, sq_h, sk_r, sk_k, sk_h, sv_r, sv_k, sv_h, sg_r, sg_j, sg_h,
                 sb_b, sb_h, sb_j, sb_k, sm_r, so_r, so_j, so_h, sl_r, sl_h,
                 n_rows, rows_per_batch, rows_per_group, n_j, n_k, scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
-                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_J: tl.constexpr,
+                UPCAST: tl.constexpr, GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                EVEN_J: tl.constexpr,
                 EVEN_K: tl.constexpr):
         # Programs in groups of rows: consecutive programs take the group's rows for one query block, then the
         # next query block, so the group's keys and values and the bias block in use are read from L2.
@@ -136,6 +137,10 @@ def _build():
         empty = run_sum == 0.0
         norm = tl.where(empty, 1.0, run_sum)
         out = acc / norm[:, None]
+        if GATE:  # o * sigmoid(g), in float32
+            g = tl.load(g_ptr + row * sg_r + head * sg_h + offs_j[:, None] * sg_j + offs_d[None, :],
+                        mask=in_j[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+            out = out / (1.0 + tl.exp(-g))
         tl.store(out_ptr + row * so_r + head * so_h + offs_j[:, None] * so_j + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=in_j[:, None] & in_d[None, :])
         safe_max = tl.where(run_max == float("-inf"), 0.0, run_max)
@@ -147,16 +152,18 @@ def _build():
 
 def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask_bias: Tensor, scale: float,
                              rows_per_batch: int, *, exact_weights: bool = False,
-                             out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+                             out_dtype: torch.dtype | None = None, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Attention of every row's queries over the same row's keys, with a per-batch [H, J, K] bias.
 
     q: [R, J, H, D] queries of R rows (R = B x rows, batch-major; any strides with D contiguous; D <= 256);
     k, v: [R, K, H, D] keys and values of the same rows; bias: [B, H, J, K] triangle bias (any float dtype and
     strides); mask_bias: [R, K] float32 additive key bias (the mask and padding); scale: multiplies q . k;
     rows_per_batch: R // B; exact_weights: the weights reach the values' product with ~16 bits (see the module
-    docstring), for bfloat16 / float16 operands; out_dtype: o's dtype (default q's).
-    returns: (o [R, J, H, D], lse [R, H, J] float32 natural-log sum of exponentials; -inf where a query saw no
-    key).
+    docstring), for bfloat16 / float16 operands; out_dtype: o's dtype (default q's); gate: [R, J, H, D] (any
+    strides with D contiguous), o is returned as o * sigmoid(gate), computed in float32 before o is rounded (only
+    where o is final: all keys in this call).
+    returns: (o [R, J, H, D], lse [R, H, J] float32 natural-log sum of exponentials of the ungated attention;
+    -inf where a query saw no key).
     """
     forward = _triton()
     if forward is None:
@@ -165,7 +172,9 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
     n_k = k.shape[1]
     if not 1 <= width <= 256:
         raise ValueError(f"the kernel takes head widths 1 to 256, got {width}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    if gate is not None and gate.shape != q.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} does not fit q {tuple(q.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("gate", q if gate is None else gate)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dim, strides {tuple(t.stride())}")
     if bias.shape[1:] != (heads, n_j, n_k) or mask_bias.shape != (n_rows, n_k):
@@ -184,15 +193,17 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
     def grid(meta):
         return (n_rows * -(-n_j // meta["BLOCK_M"]), heads)
 
-    forward[grid](q, k, v, bias, mask_bias, out, lse,
+    g = q if gate is None else gate  # not read without a gate
+    forward[grid](q, k, v, bias, mask_bias, out, lse, g,
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                  v.stride(0), v.stride(1), v.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
                   bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3), mask_bias.stride(0),
                   out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                   n_rows, rows_per_batch, rows_per_group, n_j, n_k, float(scale),
                   HEAD_DIM=width, BLOCK_D=max(16, 1 << (width - 1).bit_length()), IEEE=q.dtype == torch.float32,
                   SPLIT_P=exact_weights and q.dtype != torch.float32,
-                  UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32)
+                  UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32,
+                  GATE=gate is not None)
     return out, lse
 
 

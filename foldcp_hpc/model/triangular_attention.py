@@ -230,10 +230,12 @@ class TriangleAttention(nn.Module):
         weight = torch.cat([mha.linear_q.weight, mha.linear_k.weight, mha.linear_v.weight, mha.linear_g.weight])
         q, k, v, g = F.linear(x, weight).split(heads * width, dim=-1)  # 4 x [B,l,Q,H*D]
         scale = 1.0 / math.sqrt(width)
+        gated = kernel and grid.p == 1  # the kernel sees all keys, so it applies the gate as it stores o
         if kernel:
             q = q.flatten(0, 1).unflatten(-1, (heads, width))  # [B,l,Q,HD] -> [R,Q,H,D]
             k = k.flatten(0, 1).unflatten(-1, (heads, width))
             v = v.flatten(0, 1).unflatten(-1, (heads, width))
+            gate = g.flatten(0, 1).unflatten(-1, (heads, width)) if gated else None
             state = None
             keys = [k, v, mask_bias.flatten(0, 1)]
             for step, (k_t, v_t, mb_t) in enumerate(ring(keys, grid, axis, skew=0)):
@@ -241,7 +243,7 @@ class TriangleAttention(nn.Module):
                 if padding[block] is not None:
                     mb_t = mb_t.masked_fill(padding[block], PAD_BIAS)
                 bias_t = tri_bias[..., block * n_k:(block + 1) * n_k]
-                o, lse = flash.flash_triangle_attention(q, k_t, v_t, bias_t, mb_t, scale, lines)
+                o, lse = flash.flash_triangle_attention(q, k_t, v_t, bias_t, mb_t, scale, lines, gate=gate)
                 state = flash.merge_partial(state, o, lse) if grid.p > 1 else (o, lse)
             o = state[0].unflatten(0, (batch, lines)).flatten(-2)  # [R,Q,H,D] -> [B,l,Q,H*D]
         else:
@@ -258,7 +260,8 @@ class TriangleAttention(nn.Module):
                 state = _merge(state, logits, v_t)
             _, norm, acc = state
             o = acc.div_(norm).permute(0, 1, 3, 2, 4).flatten(-2)  # [B,l,H,Q,D] -> [B,l,Q,H*D]
-        o = o.to(g.dtype).mul_(g.sigmoid())
+        if not gated:
+            o = o.to(g.dtype).mul_(g.sigmoid())
         return mha.linear_o(o)
 
 
