@@ -89,8 +89,7 @@ def _build():
                 n_rows, rows_per_batch, rows_per_group, n_j, n_k, scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
                 UPCAST: tl.constexpr, GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                EVEN_J: tl.constexpr,
-                EVEN_K: tl.constexpr):
+                EVEN_J: tl.constexpr, EVEN_K: tl.constexpr):
         # Programs in groups of rows: consecutive programs take the group's rows for one query block, then the
         # next query block, so the group's keys and values and the bias block in use are read from L2.
         pid = tl.program_id(0)
@@ -174,7 +173,8 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
         raise ValueError(f"the kernel takes head widths 1 to 256, got {width}")
     if gate is not None and gate.shape != q.shape:
         raise ValueError(f"gate {tuple(gate.shape)} does not fit q {tuple(q.shape)}")
-    for name, t in (("q", q), ("k", k), ("v", v), ("gate", q if gate is None else gate)):
+    g = q if gate is None else gate  # the kernel reads g only with a gate
+    for name, t in (("q", q), ("k", k), ("v", v), ("gate", g)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dim, strides {tuple(t.stride())}")
     if bias.shape[1:] != (heads, n_j, n_k) or mask_bias.shape != (n_rows, n_k):
@@ -193,7 +193,6 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
     def grid(meta):
         return (n_rows * -(-n_j // meta["BLOCK_M"]), heads)
 
-    g = q if gate is None else gate  # not read without a gate
     forward[grid](q, k, v, bias, mask_bias, out, lse, g,
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
