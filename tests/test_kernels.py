@@ -31,6 +31,59 @@ def test_layer_norm_rows_reads_channel_first():
         torch.testing.assert_close(out, norm(x), rtol=1e-5, atol=1e-5)
 
 
+def test_row_dims_many_layouts():
+    """Pure layout maths: every row's first element found by (outer, inner) strides, for slices and transposes."""
+    from foldcp_hpc.kernels.layer_norm import row_dims
+
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(low, high):
+        return int(torch.randint(low, high, (1,), generator=gen))
+
+    checked = 0
+    for _ in range(200):
+        size = [draw(1, 6) for _ in range(draw(1, 5))]  # leading dims; rows of 3 channels
+        parent = [s + draw(0, 3) for s in size] + [6]
+        x = torch.arange(float(math.prod(parent))).view(parent)
+        for d, s in enumerate(size):  # a window of each leading dim
+            x = x.narrow(d, draw(0, parent[d] - s + 1), s)
+        x = x[..., ::2] if draw(0, 2) else x[..., 1:4]  # channel stride 2 or 1
+        if len(size) > 1 and draw(0, 2):
+            a, b = sorted(torch.randperm(len(size), generator=gen)[:2].tolist())
+            x = x.transpose(a, b)
+        found = row_dims(tuple(x.shape), tuple(x.stride()))
+        rows = x.reshape(-1, x.shape[-1])
+        if found is None:
+            continue
+        n_outer, n_inner, s_outer, s_inner = found
+        assert n_outer * n_inner == rows.shape[0]
+        flat = x.as_strided((x.untyped_storage().nbytes() // x.element_size(),), (1,), 0)
+        for r in range(rows.shape[0]):
+            at = x.storage_offset() + (r // n_inner) * s_outer + (r % n_inner) * s_inner
+            assert torch.equal(flat[at:at + 3 * x.stride(-1):x.stride(-1)], rows[r])
+        checked += 1
+    assert checked > 100
+    assert row_dims((1, 4, 6, 8), (4 * 6 * 8, 8, 4 * 8, 1)) == (4, 6, 8, 32)  # the ending node's column chunk
+    assert row_dims((2, 4, 6, 8), (99 * 8, 8, 4 * 8, 1)) is None
+
+
+def test_layer_norm_reads_a_column_chunk_in_place():
+    from foldcp_hpc.kernels.layer_norm import rows_layer_norm
+
+    torch.manual_seed(2)
+    z = torch.randn(1, 9, 9, 16)
+    x = z[:, :, 2:7].transpose(1, 2)  # [B,I,j,C] -> [B,j,I,C]: the ending node's chunk, two row dims
+    norm = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+        torch.testing.assert_close(rows_layer_norm(x, norm.weight, norm.bias, norm.eps, torch.float32), norm(x),
+                                   rtol=1e-5, atol=1e-5)
+        wide = torch.randn(2, 9, 9, 16)[:, :, 2:7].transpose(1, 2)  # three row dims: copied first
+        torch.testing.assert_close(rows_layer_norm(wide, norm.weight, norm.bias, norm.eps, torch.float32),
+                                   norm(wide), rtol=1e-5, atol=1e-5)
+
+
 def test_flash_triangle_attention_and_merge():
     from foldcp_hpc.kernels.triangle_attention import flash_triangle_attention, merge_partial
 

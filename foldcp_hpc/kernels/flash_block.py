@@ -59,8 +59,8 @@ def key_block(acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, o
         else:
             bias = tl.load(b_ptrs)
         key_bias = tl.load(m_base + offs_k)
-    # logits in log2 units: two FMAs per element
-    logits = qk * qk_scale + (bias.to(tl.float32) * 1.4426950408889634 + key_bias[None, :] * 1.4426950408889634)
+    # logits in log2 units (the key bias arrives in them): two FMAs per element
+    logits = qk * qk_scale + (bias.to(tl.float32) * 1.4426950408889634 + key_bias[None, :])
     new_max = tl.maximum(run_max, tl.max(logits, 1))
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
     weights = tl.exp2(logits - safe_max[:, None])

@@ -69,9 +69,10 @@ def _build():
     import triton.language as tl
 
     configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-        for bm, bn, warps, stages in ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
-                                      (128, 128, 4, 2), (64, 128, 4, 3))
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, maxnreg=regs)
+        for bm, bn, warps, stages, regs in ((128, 64, 4, 3, 168), (128, 64, 4, 2, 128), (128, 64, 4, 2, 168),
+                                            (128, 64, 4, 3, None), (64, 64, 4, 3, None), (64, 64, 4, 2, 96),
+                                            (128, 32, 4, 3, None), (128, 128, 8, 3, None))
     ]
     if os.environ.get("TRITON_INTERPRET") == "1":
         configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
@@ -81,7 +82,8 @@ def _build():
 
     @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE", "SPLIT_P"])
     @triton.heuristics({"EVEN_J": lambda a: a["n_j"] % a["BLOCK_M"] == 0,
-                        "EVEN_K": lambda a: a["n_k"] % a["BLOCK_N"] == 0})
+                        "EVEN_K": lambda a: a["n_k"] % a["BLOCK_N"] == 0,
+                        "WHOLE": lambda a: a["n_k"] >= a["BLOCK_N"]})
     @triton.jit
     def forward(q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, lse_ptr, g_ptr,
                 sq_r, sq_j, sq_h, sk_r, sk_k, sk_h, sv_r, sv_k, sv_h, sg_r, sg_j, sg_h,
@@ -89,7 +91,7 @@ def _build():
                 n_rows, rows_per_batch, rows_per_group, n_j, n_k, scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
                 UPCAST: tl.constexpr, GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                EVEN_J: tl.constexpr, EVEN_K: tl.constexpr):
+                EVEN_J: tl.constexpr, EVEN_K: tl.constexpr, WHOLE: tl.constexpr):
         # Programs in groups of rows: consecutive programs take the group's rows for one query block, then the
         # next query block, so the group's keys and values and the bias block in use are read from L2.
         pid = tl.program_id(0)
@@ -121,12 +123,17 @@ def _build():
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         qk_scale = scale * 1.4426950408889634
         # whole key blocks without bounds checks (the masks cost ~10% at N = 4096), then the partial one
-        n_whole = n_k if EVEN_K else n_k - n_k % BLOCK_N
-        for start in range(0, n_whole, BLOCK_N):
-            acc, run_max, run_sum = key_block(
-                acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, offs_n, offs_d, in_j, in_d,
-                sk_k, sv_k, sb_k, n_k, qk_scale, HEAD_DIM < BLOCK_D, not EVEN_J, False,
-                IEEE, SPLIT_P, UPCAST)
+        n_whole = (n_k if EVEN_K else n_k - n_k % BLOCK_N) if WHOLE else 0
+        if WHOLE:
+            # At least one trip, said to the compiler: a loop that may run zero times leaves a path on which the
+            # accumulator is set by moves while a tensor-core product is in flight, and ptxas then waits after
+            # every product (its warning C7515: twelve round trips per key block at BLOCK_M = 128).
+            tl.assume(n_whole > 0)
+            for start in range(0, n_whole, BLOCK_N):
+                acc, run_max, run_sum = key_block(
+                    acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, offs_n, offs_d, in_j, in_d,
+                    sk_k, sv_k, sb_k, n_k, qk_scale, HEAD_DIM < BLOCK_D, not EVEN_J, False,
+                    IEEE, SPLIT_P, UPCAST)
         if not EVEN_K:
             acc, run_max, run_sum = key_block(
                 acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, n_whole, offs_n, offs_d, in_j, in_d,
@@ -180,7 +187,7 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
     if bias.shape[1:] != (heads, n_j, n_k) or mask_bias.shape != (n_rows, n_k):
         raise ValueError(f"bias {tuple(bias.shape)} / mask_bias {tuple(mask_bias.shape)} do not fit q "
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")
-    mask_bias = mask_bias.float().contiguous()
+    mask_bias = (mask_bias.float() * LOG2E).contiguous()  # log2 units, as the kernel's logits
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype if out_dtype is None else out_dtype)
     lse = torch.empty(n_rows, heads, n_j, device=q.device, dtype=torch.float32)
     if n_rows == 0 or n_j == 0:

@@ -1,0 +1,76 @@
+"""Compile the flash triangle-attention kernel for an H100 (sm_90a) without a GPU and print what ptxas says.
+
+Run as a script by ``test_kernel_codegen.py`` (in a process of its own: the tests' Triton runs in its CPU
+interpreter, which compiles nothing). Prints one line per case: ``<case> regs=<n> spill=<bytes> C7515=<0|1>``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+
+def compile_case(jit, config, even: bool, gate: bool) -> str:
+    """ptxas's report for one specialisation: bfloat16, head dim 32, the model's strides (all divisible by 16,
+    the bias contiguous along keys, as Triton specialises them at launch)."""
+    names = jit.arg_names
+    const = dict(HEAD_DIM=32, BLOCK_D=32, IEEE=False, SPLIT_P=False, UPCAST=False, GATE=gate, EVEN_J=even,
+                 EVEN_K=even, WHOLE=True, **config.kwargs)
+    pointers = {"mask_ptr": "*fp32", "lse_ptr": "*fp32"}
+    sig, attrs, constexprs = {}, {}, {}
+    for i, name in enumerate(names):
+        if name in const:
+            sig[name], constexprs[(i,)] = "constexpr", const[name]
+        elif name == "sb_k":  # unit stride: specialised to the constant 1
+            sig[name], constexprs[(i,)] = "constexpr", 1
+        elif name.endswith("_ptr"):
+            sig[name], attrs[(i,)] = pointers.get(name, "*bf16"), [["tt.divisibility", 16]]
+        elif name == "scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if even or name not in ("n_j", "n_k"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.maxnreg:
+        options["maxnreg"] = config.maxnreg
+    kernel = triton.compile(triton.compiler.ASTSource(fn=jit, signature=sig, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path  # the ptxas Triton itself runs for this target
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        # (the PTX carries the register cap as .maxnreg)
+        args = [ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")]
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"ptxas failed: {done.stderr[-2000:]}")
+        return done.stderr
+
+
+def main() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    from foldcp_hpc.kernels.triangle_attention import _build
+
+    autotuned = _build()
+    jit = autotuned.fn.fn  # autotune -> heuristics -> the JIT function
+    config = autotuned.configs[0]
+    for even in (True, False):
+        for gate in (False, True):
+            report = compile_case(jit, config, even, gate)
+            regs = report.split("Used ")[1].split(" registers")[0]
+            spill = report.split(" bytes spill stores")[0].rsplit(" ", 1)[-1]
+            print(f"even={int(even)} gate={int(gate)} regs={regs} spill={spill} C7515={int('C7515' in report)}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
