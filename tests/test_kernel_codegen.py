@@ -24,8 +24,8 @@ def test_flash_kernel_compiles_for_sm90_without_serialised_products():
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("kernel_codegen.py"))], env=env,
                           capture_output=True, text=True, timeout=600)
-    if done.returncode and "No module named 'triton.backends.nvidia'" in done.stderr:
-        pytest.skip("this Triton has no NVIDIA backend")
+    if done.returncode == 3:  # kernel_codegen.UNSUPPORTED
+        pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stderr[-3000:]
     cases = {}  # "even=1 gate=0" -> {"regs": .., "spill": .., "C7515": ..}
     for line in done.stdout.splitlines():
