@@ -1,13 +1,15 @@
 """Compile the flash triangle-attention kernel for an H100 (sm_90a) without a GPU and print what ptxas says.
 
 Run as a script by ``test_kernel_codegen.py`` (in a process of its own: the tests' Triton runs in its CPU
-interpreter, which compiles nothing). Prints one line per case: ``<case> regs=<n> spill=<bytes> C7515=<0|1>``;
+interpreter, which compiles nothing). Prints one line per case:
+``even=<0|1> gate=<0|1> folded=<0|1> regs=<n> spill=<bytes> C7515=<0|1>``;
 exits with ``UNSUPPORTED`` where this Triton's compile API differs from the one this script was written for
 (3.6 to 3.9).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -16,16 +18,16 @@ import tempfile
 import triton
 
 
-def compile_case(jit, config, even: bool, gate: bool) -> str:
+def compile_case(jit, config, even: bool, gate: bool, folded: bool) -> str:
     """ptxas's report for one specialisation: bfloat16, head dim 32, the model's strides (all divisible by 16,
-    the bias contiguous along keys, as Triton specialises them at launch)."""
+    the bias contiguous along keys, as Triton specialises them at launch); folded: the key mask in the bias."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
 
     names = jit.arg_names
-    const = dict(HEAD_DIM=32, BLOCK_D=32, IEEE=False, SPLIT_P=False, UPCAST=False, GATE=gate, EVEN_J=even,
-                 EVEN_K=even, WHOLE=True, **config.kwargs)
-    pointers = {"mask_ptr": "*fp32", "lse_ptr": "*fp32"}
+    const = dict(HEAD_DIM=32, BLOCK_D=32, IEEE=False, SPLIT_P=False, UPCAST=False, GATE=gate, FOLDED=folded,
+                 INDIRECT=False, EVEN_J=even, EVEN_K=even, WHOLE=True, **config.kwargs)
+    pointers = {"mask_ptr": "*fp32", "lse_ptr": "*fp32", "rows_ptr": "*i32", "count_ptr": "*i32"}
     sig, attrs, constexprs = {}, {}, {}
     for i, name in enumerate(names):
         if name in const:
@@ -68,17 +70,16 @@ def main() -> int:
     autotuned = _build()
     jit = autotuned.fn.fn  # autotune -> heuristics -> the JIT function
     config = autotuned.configs[0]
-    for even in (True, False):
-        for gate in (False, True):
-            try:
-                report = compile_case(jit, config, even, gate)
-            except (ImportError, TypeError, AttributeError) as err:
-                print(f"unsupported: Triton {triton.__version__}: {err!r}", flush=True)
-                return UNSUPPORTED
-            regs = report.split("Used ")[1].split(" registers")[0]
-            spill = report.split(" bytes spill stores")[0].rsplit(" ", 1)[-1]
-            print(f"even={int(even)} gate={int(gate)} regs={regs} spill={spill} C7515={int('C7515' in report)}",
-                  flush=True)
+    for even, gate, folded in itertools.product((True, False), repeat=3):
+        try:
+            report = compile_case(jit, config, even, gate, folded)
+        except (ImportError, TypeError, AttributeError) as err:
+            print(f"unsupported: Triton {triton.__version__}: {err!r}", flush=True)
+            return UNSUPPORTED
+        regs = report.split("Used ")[1].split(" registers")[0]
+        spill = report.split(" bytes spill stores")[0].rsplit(" ", 1)[-1]
+        print(f"even={int(even)} gate={int(gate)} folded={int(folded)} regs={regs} spill={spill} "
+              f"C7515={int('C7515' in report)}", flush=True)
     return 0
 
 

@@ -109,6 +109,23 @@ def test_async_shift_overlaps_compute(grid):
     agree(grid, torch.equal(moved, raw.shift(tile, grid, "row", 1)) and torch.isfinite(busy).all())
 
 
+def test_ring_visits_every_position_and_copies_nothing_alone(grid):
+    """``model.common.ring``: position c of a grid row sees, at step t, what position c + skew + t held (with
+    and without autograd); on a ring of one the very tensors come back (a strided view is not copied)."""
+    from foldcp_hpc.model.common import ring
+
+    held = torch.arange(24.0).reshape(4, 6) + 100 * grid.col  # this position's tensor
+    view = held[:, ::2]  # strided, as the key projections are
+    ok = True
+    for autograd in (False, True):
+        with torch.set_grad_enabled(autograd):
+            seen = [tensors[0] for tensors in ring([view], grid, "row", skew=grid.row)]
+        owners = [(grid.col + grid.row + step) % grid.p for step in range(grid.p)]
+        ok &= all(torch.equal(t, view - 100 * grid.col + 100 * owner) for t, owner in zip(seen, owners))
+        ok &= grid.p > 1 or seen[0] is view
+    agree(grid, ok)
+
+
 def test_gather_to_root_and_scatter_from_root(grid):
     n = 7
     full = shared_randn(1, n, n, 2, seed=3)

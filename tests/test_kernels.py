@@ -114,6 +114,71 @@ def test_flash_triangle_attention_and_merge():
     assert (out16.float() - expected).abs().max() < 5e-2
 
 
+def _token_mask_bias(token_mask: torch.Tensor) -> torch.Tensor:
+    """[B, N] token mask -> [B*N, N] key bias of a triangle attention's rows: -1e9 unless row and key are kept."""
+    pair = token_mask[:, :, None] & token_mask[:, None, :]
+    return ((~pair).float() * -1e9).flatten(0, 1)
+
+
+def test_fold_key_mask_plan():
+    from foldcp_hpc.kernels.triangle_attention import fold_key_mask
+
+    torch.manual_seed(3)
+    n = 12
+    tokens = torch.ones(2, n, dtype=torch.bool)
+    tokens[0, 5] = False
+    tokens[1, 9:] = False  # padding
+    mask_bias = _token_mask_bias(tokens)
+    bias = torch.randn(2, 3, n, n)
+    folded, own = fold_key_mask(bias, mask_bias, n)
+    common = torch.where(tokens, 0.0, -1e9)  # [B, K]: the keys of the kept rows
+    torch.testing.assert_close(folded, bias + common[:, None, None, :], rtol=0, atol=0)
+    assert torch.equal(folded[:, :, :, 0], bias[:, :, :, 0])  # kept keys keep their bias exactly (x + 0.0)
+    assert own.dtype == torch.int8 and torch.nonzero(own).flatten().tolist() == [5, n + 9, n + 10, n + 11]
+    soft = mask_bias.clone()
+    soft[:n, 2] = -5.0  # the first entry's key bias is not a mask: all its rows keep their own
+    assert fold_key_mask(bias, soft, n)[1].tolist() == [1] * n + own[n:].tolist()
+    assert fold_key_mask(bias.half(), mask_bias, n) is None
+    # a cache kept across chunks of rows: one fold per bias view, from the first chunk's rows
+    cache = {}
+    first, _ = fold_key_mask(bias, mask_bias, n, cache=cache)
+    other = mask_bias.clone()
+    other[:, 0] = -1e9  # later rows with another mask: measured against the first fold, so their own
+    again, own_again = fold_key_mask(bias, other, n, cache=cache)
+    assert again is first and len(cache) == 1 and own_again.tolist() == [1] * (2 * n)
+    block, _ = fold_key_mask(bias[..., 1:], mask_bias[:, 1:], n, cache=cache)  # another view: folded anew
+    assert len(cache) == 2 and torch.equal(block, first[..., 1:])
+
+
+@pytest.mark.parametrize("n_j,n_k", [(24, 24), (21, 37)])
+def test_flash_attention_folded_mask_matches_reference(n_j, n_k):
+    """Rows reading the folded bias and rows keeping their own mask (one branch each) match float64."""
+    from foldcp_hpc.kernels import triangle_attention as ta
+
+    torch.manual_seed(4)
+    batch, rows, heads, width = 2, 10, 2, 16
+    q = torch.randn(batch * rows, n_j, heads, width)
+    k, v, = (torch.randn(batch * rows, n_k, heads, width) for _ in range(2))
+    bias = torch.randn(batch, heads, n_j, n_k)
+    mask_bias = torch.zeros(batch * rows, n_k)
+    mask_bias[:, 3] = -1e9  # masked for every row
+    mask_bias[rows:, n_k - 4:] = -1e30  # the second entry's padding
+    mask_bias[rows + 2, 7] = -1e9  # one row with a key mask of its own
+    assert ta.fold_key_mask(bias, mask_bias, rows)[1].tolist() == [0] * (rows + 2) + [1] + [0] * (rows - 3)
+    out, lse = ta.flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, rows)
+    expected = _attention_reference(q, k, v, bias, mask_bias, width**-0.5, rows)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    logits = torch.einsum("rjhd,rkhd->rhjk", q, k) * width**-0.5 + bias.repeat_interleave(rows, 0) \
+        + mask_bias[:, None, None, :]
+    torch.testing.assert_close(lse, logits.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    gate = torch.randn_like(q)
+    gated, _ = ta.flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, rows, gate=gate)
+    torch.testing.assert_close(gated.double(), expected * torch.sigmoid(gate.double()), rtol=1e-5, atol=1e-5)
+    bf16, _ = ta.flash_triangle_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias.bfloat16(), mask_bias,
+                                          width**-0.5, rows)
+    assert (bf16.double() - expected).abs().max() < 5e-2
+
+
 def test_flash_triangle_attention_refuses_bad_shapes():
     from foldcp_hpc.kernels.triangle_attention import flash_triangle_attention
 

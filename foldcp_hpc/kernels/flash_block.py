@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["key_block", "HELPERS"]
+__all__ = ["key_block", "keys_loop", "HELPERS"]
 
 
 @triton.jit
@@ -31,14 +31,16 @@ def key_rows(base, offs_k, stride, offs_d, in_k, in_d, MASK_K: tl.constexpr, MAS
 def key_block(acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, offs_n, offs_d, in_j, in_d,
               sk_k, sv_k, sb_k, n_k, qk_scale, MASK_D: tl.constexpr,
               MASK_J: tl.constexpr, MASK_K: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
-              UPCAST: tl.constexpr):
+              UPCAST: tl.constexpr, FOLDED: tl.constexpr):
     """The keys start .. start + BLOCK_N of one row and head into the running (acc, max, sum) of its queries.
 
     acc: [BLOCK_M, BLOCK_D] float32 unnormalised output; run_max, run_sum: [BLOCK_M] float32 (log2 units);
     q: [BLOCK_M, BLOCK_D] queries; k_base, v_base, b_base, m_base: pointers to the row's keys, values, its
     batch entry's bias rows of these queries ([BLOCK_M, 1] pointers) and its key mask. MASK_D, MASK_J, MASK_K:
     bounds checks on the padded head dim, the queries past n_j (bias only), the keys past n_k; whole blocks
-    skip them.
+    skip them. FOLDED: the key mask is in the bias (no m_base), and the logits, max and qk_scale are in natural
+    units, taken to log2 units by the one FMA before each exponential (two FMAs and a subtraction per logit
+    become two FMAs); otherwise all are in log2 units.
     """
     offs_k = start + offs_n
     in_k = offs_k < n_k
@@ -50,21 +52,29 @@ def key_block(acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, o
     else:
         qk = tl.dot(q, tl.trans(k))
     b_ptrs = b_base + offs_k[None, :] * sb_k
-    if MASK_K:
-        bias = tl.load(b_ptrs, mask=in_j[:, None] & in_k[None, :], other=0.0)
-        key_bias = tl.load(m_base + offs_k, mask=in_k, other=float("-inf"))  # -inf past the keys
-    else:
-        if MASK_J:
-            bias = tl.load(b_ptrs, mask=in_j[:, None], other=0.0)
+    if MASK_K:  # keys past n_k: -inf from the key mask, or from the bias when the mask is in it
+        if FOLDED:
+            bias = tl.load(b_ptrs, mask=in_j[:, None] & in_k[None, :], other=float("-inf"))
         else:
-            bias = tl.load(b_ptrs)
-        key_bias = tl.load(m_base + offs_k)
-    # logits in log2 units (the key bias arrives in them): two FMAs per element
-    logits = qk * qk_scale + (bias.to(tl.float32) * 1.4426950408889634 + key_bias[None, :])
+            bias = tl.load(b_ptrs, mask=in_j[:, None] & in_k[None, :], other=0.0)
+    elif MASK_J:
+        bias = tl.load(b_ptrs, mask=in_j[:, None], other=0.0)
+    else:
+        bias = tl.load(b_ptrs)
+    if FOLDED:  # natural units, taken to log2 units in the FMA before each exponential
+        logits = qk * qk_scale + bias.to(tl.float32)
+        to_log2 = 1.4426950408889634
+    else:  # log2 units (the key bias arrives in them): two FMAs per element
+        if MASK_K:
+            key_bias = tl.load(m_base + offs_k, mask=in_k, other=float("-inf"))
+        else:
+            key_bias = tl.load(m_base + offs_k)
+        logits = qk * qk_scale + (bias.to(tl.float32) * 1.4426950408889634 + key_bias[None, :])
+        to_log2 = 1.0
     new_max = tl.maximum(run_max, tl.max(logits, 1))
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    weights = tl.exp2(logits - safe_max[:, None])
-    alpha = tl.exp2(run_max - safe_max)
+    weights = tl.exp2(logits * to_log2 - (safe_max * to_log2)[:, None])
+    alpha = tl.exp2((run_max - safe_max) * to_log2)
     run_sum = run_sum * alpha + tl.sum(weights, 1)
     v = key_rows(v_base, offs_k, sv_k, offs_d, in_k, in_d, MASK_K, MASK_D)
     acc = acc * alpha[:, None]
@@ -87,4 +97,28 @@ def key_block(acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, o
     return acc, new_max, run_sum
 
 
-HELPERS = {"key_block": key_block}
+@triton.jit
+def keys_loop(acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, offs_n, offs_d, in_j, in_d,
+              sk_k, sv_k, sb_k, n_k, qk_scale, MASK_D: tl.constexpr, MASK_J: tl.constexpr, EVEN_K: tl.constexpr,
+              WHOLE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
+              UPCAST: tl.constexpr, FOLDED: tl.constexpr):
+    """All of one row's keys into the running (acc, max, sum): the whole key blocks without bounds checks (the
+    masks cost ~10% at N = 4096), then the partial one. Arguments as :func:`key_block`'s."""
+    n_whole = (n_k if EVEN_K else n_k - n_k % BLOCK_N) if WHOLE else 0
+    if WHOLE:
+        # At least one trip, said to the compiler: a loop that may run zero times leaves a path on which the
+        # accumulator is set by moves while a tensor-core product is in flight, and ptxas then waits after
+        # every product (its warning C7515: twelve round trips per key block at BLOCK_M = 128).
+        tl.assume(n_whole > 0)
+        for start in range(0, n_whole, BLOCK_N):
+            acc, run_max, run_sum = key_block(
+                acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, offs_n, offs_d, in_j, in_d,
+                sk_k, sv_k, sb_k, n_k, qk_scale, MASK_D, MASK_J, False, IEEE, SPLIT_P, UPCAST, FOLDED)
+    if not EVEN_K:
+        acc, run_max, run_sum = key_block(
+            acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, n_whole, offs_n, offs_d, in_j, in_d,
+            sk_k, sv_k, sb_k, n_k, qk_scale, MASK_D, MASK_J, True, IEEE, SPLIT_P, UPCAST, FOLDED)
+    return acc, run_max, run_sum
+
+
+HELPERS = {"key_block": key_block, "keys_loop": keys_loop}

@@ -80,17 +80,18 @@ def _build():
 
     globals().update(HELPERS)  # the kernel's callee, found among this module's globals (see .tiles)
 
-    @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE", "SPLIT_P"])
+    @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE", "SPLIT_P", "FOLDED", "INDIRECT"])
     @triton.heuristics({"EVEN_J": lambda a: a["n_j"] % a["BLOCK_M"] == 0,
                         "EVEN_K": lambda a: a["n_k"] % a["BLOCK_N"] == 0,
                         "WHOLE": lambda a: a["n_k"] >= a["BLOCK_N"]})
     @triton.jit
-    def forward(q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, lse_ptr, g_ptr,
+    def forward(q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, lse_ptr, g_ptr, rows_ptr, count_ptr,
                 sq_r, sq_j, sq_h, sk_r, sk_k, sk_h, sv_r, sv_k, sv_h, sg_r, sg_j, sg_h,
                 sb_b, sb_h, sb_j, sb_k, sm_r, so_r, so_j, so_h, sl_r, sl_h,
                 n_rows, rows_per_batch, rows_per_group, n_j, n_k, scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
-                UPCAST: tl.constexpr, GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                UPCAST: tl.constexpr, GATE: tl.constexpr, FOLDED: tl.constexpr, INDIRECT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 EVEN_J: tl.constexpr, EVEN_K: tl.constexpr, WHOLE: tl.constexpr):
         # Programs in groups of rows: consecutive programs take the group's rows for one query block, then the
         # next query block, so the group's keys and values and the bias block in use are read from L2.
@@ -102,6 +103,10 @@ def _build():
         group_rows = tl.minimum(n_rows - first_row, rows_per_group)
         row = (first_row + (pid % per_group) % group_rows).to(tl.int64)
         block_j = (pid % per_group) // group_rows
+        if INDIRECT:  # program slot -> row: the first count_ptr[0] entries of rows_ptr; the other programs stop
+            if row >= tl.load(count_ptr):
+                return
+            row = tl.load(rows_ptr + row).to(tl.int64)
         batch = row // rows_per_batch
         offs_j = block_j * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)  # the head dim padded to a power of two; in_d masks the padding
@@ -121,24 +126,13 @@ def _build():
         run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        qk_scale = scale * 1.4426950408889634
-        # whole key blocks without bounds checks (the masks cost ~10% at N = 4096), then the partial one
-        n_whole = (n_k if EVEN_K else n_k - n_k % BLOCK_N) if WHOLE else 0
-        if WHOLE:
-            # At least one trip, said to the compiler: a loop that may run zero times leaves a path on which the
-            # accumulator is set by moves while a tensor-core product is in flight, and ptxas then waits after
-            # every product (its warning C7515: twelve round trips per key block at BLOCK_M = 128).
-            tl.assume(n_whole > 0)
-            for start in range(0, n_whole, BLOCK_N):
-                acc, run_max, run_sum = key_block(
-                    acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, start, offs_n, offs_d, in_j, in_d,
-                    sk_k, sv_k, sb_k, n_k, qk_scale, HEAD_DIM < BLOCK_D, not EVEN_J, False,
-                    IEEE, SPLIT_P, UPCAST)
-        if not EVEN_K:
-            acc, run_max, run_sum = key_block(
-                acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, n_whole, offs_n, offs_d, in_j, in_d,
-                sk_k, sv_k, sb_k, n_k, qk_scale, HEAD_DIM < BLOCK_D, not EVEN_J, True,
-                IEEE, SPLIT_P, UPCAST)
+        # FOLDED: the key mask is in the bias and the logits are in natural units (see flash_block.key_block)
+        acc, run_max, run_sum = keys_loop(
+            acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, offs_n, offs_d, in_j, in_d, sk_k, sv_k, sb_k,
+            n_k, scale if FOLDED else scale * 1.4426950408889634, HEAD_DIM < BLOCK_D, not EVEN_J, EVEN_K, WHOLE,
+            BLOCK_N, IEEE, SPLIT_P, UPCAST, FOLDED)
+        if FOLDED:
+            run_max = run_max * 1.4426950408889634  # natural units -> log2 units
 
         empty = run_sum == 0.0
         norm = tl.where(empty, 1.0, run_sum)
@@ -156,9 +150,45 @@ def _build():
     return forward
 
 
+MASKED = -1e4  # an additive key bias at or below this masks the key (exp(-1e4) underflows float32 ~100-fold)
+
+
+def fold_key_mask(bias: Tensor, mask_bias: Tensor, rows_per_batch: int,
+                  cache: dict | None = None) -> tuple[Tensor, Tensor] | None:
+    """The key mask put into a copy of the triangle bias: (folded bias [B, H, J, K], own [R] int8), or None.
+
+    bias: [B, H, J, K]; mask_bias: [R, K] float32 (R = B x rows_per_batch). A batch entry's common key mask is
+    the largest bias of each key over its rows (the keys any row sees). Where every common value is 0 or masked
+    (<= ``MASKED``), bias + common is the bias itself on every key a row sees, so a row whose key mask is the
+    common one (in a triangle attention: every row but those of masked tokens, whose keys are all masked) needs
+    no mask of its own: own[r] = 0. The other rows, and all rows of an entry whose common mask is not of this
+    kind, have own[r] = 1 and keep their mask and the unfolded bias. Made on the device, without waiting for it.
+    ``cache``: a dict kept by the caller across calls on one bias tensor (the chunks of rows of one attention):
+    the fold is made once per bias view, from the first call's rows, and later rows are measured against it.
+    None where the shapes do not fit or the bias is float16 (whose range would turn masked keys into -inf).
+    """
+    n_batch, n_keys = bias.shape[0], bias.shape[-1]
+    if bias.dtype == torch.float16 or mask_bias.shape != (n_batch * rows_per_batch, n_keys) or mask_bias.numel() == 0:
+        return None
+    per_batch = mask_bias.view(n_batch, rows_per_batch, n_keys)
+    key = (bias.data_ptr(), tuple(bias.shape), tuple(bias.stride()), bias.dtype)
+    hit = None if cache is None else cache.get(key)
+    if hit is None:
+        common = per_batch.amax(1)  # [B, K]
+        exact = ((common == 0) | (common <= MASKED)).all(-1)  # [B]
+        folded = bias + common.to(bias.dtype)[:, None, None, :]  # [B,H,J,K] + [B,1,1,K]
+        hit = (common, exact, folded)
+        if cache is not None:
+            cache[key] = hit
+    common, exact, folded = hit
+    own = (per_batch != common[:, None, :]).any(-1) | ~exact[:, None]  # [B, rows]
+    return folded, own.flatten().to(torch.int8)
+
+
 def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask_bias: Tensor, scale: float,
                              rows_per_batch: int, *, exact_weights: bool = False,
-                             out_dtype: torch.dtype | None = None, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                             out_dtype: torch.dtype | None = None, gate: Tensor | None = None,
+                             fold_cache: dict | None = None) -> tuple[Tensor, Tensor]:
     """Attention of every row's queries over the same row's keys, with a per-batch [H, J, K] bias.
 
     q: [R, J, H, D] queries of R rows (R = B x rows, batch-major; any strides with D contiguous; D <= 256);
@@ -167,9 +197,15 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
     rows_per_batch: R // B; exact_weights: the weights reach the values' product with ~16 bits (see the module
     docstring), for bfloat16 / float16 operands; out_dtype: o's dtype (default q's); gate: [R, J, H, D] (any
     strides with D contiguous), o is returned as o * sigmoid(gate), computed in float32 before o is rounded (only
-    where o is final: all keys in this call).
+    where o is final: all keys in this call); fold_cache: see :func:`fold_key_mask`.
     returns: (o [R, J, H, D], lse [R, H, J] float32 natural-log sum of exponentials of the ungated attention;
     -inf where a query saw no key).
+
+    Where a row's key mask is its batch entry's common one (:func:`fold_key_mask`), the kernel reads the bias
+    with the mask folded in and no mask: one FMA fewer per logit (the logits, in natural units, reach the
+    exponential's log2 units in the FMA that subtracts the max). The rows with a mask of their own (masked
+    tokens') are then done again by a second launch with their mask, over a row list made on the device (its
+    other programs stop at once), so nothing here waits for the GPU.
     """
     forward = _triton()
     if forward is None:
@@ -187,20 +223,42 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
     if bias.shape[1:] != (heads, n_j, n_k) or mask_bias.shape != (n_rows, n_k):
         raise ValueError(f"bias {tuple(bias.shape)} / mask_bias {tuple(mask_bias.shape)} do not fit q "
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")
-    mask_bias = (mask_bias.float() * LOG2E).contiguous()  # log2 units, as the kernel's logits
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype if out_dtype is None else out_dtype)
     lse = torch.empty(n_rows, heads, n_j, device=q.device, dtype=torch.float32)
     if n_rows == 0 or n_j == 0:
         return out, lse
+    mask_bias = mask_bias.float()
+    fold = fold_key_mask(bias, mask_bias, rows_per_batch, cache=fold_cache)
+    shared = (q, k, v, (mask_bias * LOG2E).contiguous(), gate, out, lse, scale, rows_per_batch, exact_weights)
+    if fold is None:
+        _launch(forward, bias, *shared)
+        return out, lse
+    folded, own = fold
+    _launch(forward, folded, *shared, folded=True)  # every row (those with their own mask are redone below)
+    # the rows with a key mask of their own, found on the device: no wait for it here
+    rows = torch.argsort(own, descending=True, stable=True).to(torch.int32)  # own rows first
+    _launch(forward, bias, *shared, indirect=(rows, own.sum(dtype=torch.int32).reshape(1)))
+    return out, lse
 
+
+def _launch(forward, bias: Tensor, q: Tensor, k: Tensor, v: Tensor, mask_bias: Tensor, gate: Tensor | None,
+            out: Tensor, lse: Tensor, scale: float, rows_per_batch: int, exact_weights: bool, *,
+            folded: bool = False, indirect: tuple[Tensor, Tensor] | None = None) -> None:
+    """One kernel launch into out and lse (arguments as :func:`flash_triangle_attention`'s; mask_bias in log2
+    units). folded: bias has the key mask in it and mask_bias is not read; indirect: (order [R] int32, count [1]
+    int32) on the device: only rows order[:count] are done."""
+    n_rows, n_j, heads, width = q.shape
+    n_k = k.shape[1]
+    g = q if gate is None else gate  # the kernel reads g only with a gate
     # rows per group: their keys and values (per head) within ~16 MiB of L2
     row_bytes = 2 * n_k * width * k.element_size()
     rows_per_group = max(1, min(n_rows, 64, (16 << 20) // row_bytes))
+    rows, count = indirect if indirect is not None else (lse, lse)  # (any tensors where there is none)
 
     def grid(meta):
         return (n_rows * -(-n_j // meta["BLOCK_M"]), heads)
 
-    forward[grid](q, k, v, bias, mask_bias, out, lse, g,
+    forward[grid](q, k, v, bias, mask_bias, out, lse, g, rows, count,
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
                   bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3), mask_bias.stride(0),
@@ -209,8 +267,7 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
                   HEAD_DIM=width, BLOCK_D=max(16, 1 << (width - 1).bit_length()), IEEE=q.dtype == torch.float32,
                   SPLIT_P=exact_weights and q.dtype != torch.float32,
                   UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32,
-                  GATE=gate is not None)
-    return out, lse
+                  GATE=gate is not None, FOLDED=folded, INDIRECT=indirect is not None)
 
 
 def merge_partial(state: tuple[Tensor, Tensor] | None, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:

@@ -62,6 +62,9 @@ def ring(tensors: Sequence[torch.Tensor], grid: "ProcessGrid", axis: str, skew: 
     posted before the caller works on the current tensors (the transfer overlaps the compute).
     """
     size = grid.axis(axis).size
+    if size == 1:  # nothing travels: the tensors as they are (no contiguous copy of strided views)
+        yield list(tensors)
+        return
     if torch.is_grad_enabled():
         current = [cp.ring_shift(t, grid, axis, -skew) for t in tensors]
         for step in range(size):

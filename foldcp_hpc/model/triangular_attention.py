@@ -183,6 +183,7 @@ class TriangleAttention(nn.Module):
                                z.is_cuda)
         if chunk_size is not None and not kernel:
             lines = min(lines, chunk_size)
+        fold_cache = {}  # the bias with the key mask folded in, made once per key block (see the kernel)
         for sl in row_chunks(n_i if self.starting else n_j, lines):
             if self.starting:
                 x = layer_norm(self.layer_norm, z[:, sl])  # [B,i,J,C]: row i's queries j and keys k (columns)
@@ -190,7 +191,7 @@ class TriangleAttention(nn.Module):
             else:
                 x = layer_norm(self.layer_norm, z[:, :, sl].transpose(1, 2))  # [B,I,j,C] -> [B,j,I,C]: column j's
                 key_mask = mask[:, :, sl].transpose(1, 2)  # [B,I,j] -> [B,j,K]: keys k are rows of the column
-            update = self._attend(x, self.inf * (key_mask - 1), tri_bias, axis, first, padding, kernel)
+            update = self._attend(x, self.inf * (key_mask - 1), tri_bias, axis, first, padding, kernel, fold_cache)
             if self.starting:
                 z[:, sl] += update
             else:
@@ -217,11 +218,13 @@ class TriangleAttention(nn.Module):
         return bias.permute(0, 3, 1, 2).contiguous()  # [B,I,K,H] -> [B,H,I,K]
 
     def _attend(self, x: Tensor, mask_bias: Tensor, tri_bias: Tensor, axis: str, first: int,
-                padding: list, kernel: bool) -> Tensor:
+                padding: list, kernel: bool, fold_cache: dict | None = None) -> Tensor:
         """One chunk of lines (rows, or transposed columns) attending along themselves across the grid axis.
 
         x: [B, l, Q, C] normalised; mask_bias: [B, l, K_local] for this rank's keys; tri_bias: [B, H, Q, K_all];
-        the keys of block ``(first + t) % p`` are here at ring step t. returns: [B, l, Q, C] the update.
+        the keys of block ``(first + t) % p`` are here at ring step t; fold_cache: kept across the chunks of one
+        attention for the kernel (:func:`~foldcp_hpc.kernels.triangle_attention.fold_key_mask`).
+        returns: [B, l, Q, C] the update.
         """
         grid, mha = self.grid, self.mha
         batch, lines, n_q, _ = x.shape
@@ -243,7 +246,8 @@ class TriangleAttention(nn.Module):
                 if padding[block] is not None:
                     mb_t = mb_t.masked_fill(padding[block], PAD_BIAS)
                 bias_t = tri_bias[..., block * n_k:(block + 1) * n_k]
-                o, lse = flash.flash_triangle_attention(q, k_t, v_t, bias_t, mb_t, scale, lines, gate=gate)
+                o, lse = flash.flash_triangle_attention(q, k_t, v_t, bias_t, mb_t, scale, lines, gate=gate,
+                                                        fold_cache=fold_cache)
                 state = flash.merge_partial(state, o, lse) if grid.p > 1 else (o, lse)
             o = state[0].unflatten(0, (batch, lines)).flatten(-2)  # [R,Q,H,D] -> [B,l,Q,H*D]
         else:
