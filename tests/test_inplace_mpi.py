@@ -209,3 +209,38 @@ def test_add_update_under_autocast_rings_bfloat16_operands(grid, monkeypatch, di
     assert everywhere(grid, error < 8e-3), f"rank {grid.rank}: update error {error:.2e} against boltz under autocast"
     wanted = {(torch.bfloat16, torch.bfloat16, torch.float32)}
     assert everywhere(grid, operands and set(operands) == wanted), f"rank {grid.rank}: {set(operands)}"
+
+
+@pytest.mark.parametrize("starting", [True, False])
+def test_triangle_attention_bfloat16_adds_its_output_in_one_gemm(grid, monkeypatch, starting):
+    """z stored in bfloat16 under autocast: each chunk's output projection is added into z's storage by one GEMM
+    (``baddbmm_``, beta = 1: no update tensor; the ending node's columns a strided batch), close to float64.
+
+    At 1 and 4 ranks (the suite's time; the float64 in-place tests cover the rings at 9).
+    """
+    from boltz.model.layers.triangular_attention import attention as boltz_attention
+
+    if grid.p > 2:
+        pytest.skip("the bfloat16 output GEMM is checked at 1 and 4 ranks")
+    name = "TriangleAttentionStartingNode" if starting else "TriangleAttentionEndingNode"
+    ref, mine64 = build(getattr(boltz_attention, name), getattr(ours, name), (C_Z, 4, 2), {"inf": 1e9}, grid,
+                        seed=9 + starting)
+    with torch.no_grad():  # an update about as large as z, so that its own error shows
+        ref.mha.linear_o.weight.mul_(UPDATE_SCALE)
+    mine = type(mine64)(C_Z, 4, 2, inf=1e9, grid=grid).eval()  # float32 parameters, as under Boltz's autocast
+    mine.load_state_dict(ref.state_dict())
+    z, pair_mask = pair_inputs(seed=90)
+    with torch.no_grad(), float64_reference():
+        expected = z + ref(z, mask=pair_mask, chunk_size=3)
+    tile, mask_tile = grid.scatter_pair(z.to(torch.bfloat16)), grid.scatter_pair(pair_mask).float()
+    targets = []
+    gemm = torch.Tensor.baddbmm_
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", lambda t, *a, **k: targets.append(t.dtype) or gemm(t, *a, **k))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        storage = tile.data_ptr()
+        out = mine.add_update(tile, mask_tile, chunk_size=3, n_tokens=N)
+    keep = pair_mask[..., None]  # lines whose every key is masked differ in any float32 path (see the parity test)
+    error = frobenius_error(grid.gather_pair(out, N).double() * keep, expected * keep)
+    assert everywhere(grid, out.data_ptr() == storage and targets and set(targets) == {torch.bfloat16}), \
+        f"rank {grid.rank}: the output was not added by the GEMM into z's storage ({targets[:3]})"
+    assert everywhere(grid, error <= BF16_TOL), f"rank {grid.rank}: {error:.2e}"

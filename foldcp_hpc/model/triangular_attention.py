@@ -191,12 +191,37 @@ class TriangleAttention(nn.Module):
             else:
                 x = layer_norm(self.layer_norm, z[:, :, sl].transpose(1, 2))  # [B,I,j,C] -> [B,j,I,C]: column j's
                 key_mask = mask[:, :, sl].transpose(1, 2)  # [B,I,j] -> [B,j,K]: keys k are rows of the column
-            update = self._attend(x, self.inf * (key_mask - 1), tri_bias, axis, first, padding, kernel, fold_cache)
+            o = self._attend(x, self.inf * (key_mask - 1), tri_bias, axis, first, padding, kernel, fold_cache)
+            self._add_output(z, sl, o)
+        return z
+
+    def _add_output(self, z: Tensor, sl: slice, o: Tensor) -> None:
+        """z's chunk += o W_o^T: rows ``sl`` (starting node) or columns ``sl`` (ending node).
+
+        z: [B, N_i, N_j, C] pair tile; o: [B, l, Q, H*D] the chunk's gated attention output (l lines of Q).
+        Where z, o and the weight (as autocast would round it) share a dtype, one batched GEMM per batch entry
+        adds the product into z's storage (beta = 1: no update tensor, no separate add; the ending node's
+        columns are a strided batch, one column per matrix). Otherwise the update is made and added.
+        """
+        linear = self.mha.linear_o
+        low = torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type) else None
+        weight_dtype = low if low is not None else linear.weight.dtype
+        if not (z.dtype == weight_dtype and o.dtype in (z.dtype, torch.float32)):
+            update = linear(o)
             if self.starting:
                 z[:, sl] += update
             else:
                 z[:, :, sl] += update.transpose(1, 2)  # [B,j,I,C] -> [B,I,j,C]
-        return z
+            return
+        weight_t = linear.weight.to(z.dtype).t()  # [C_out, HD] -> [HD, C_out]
+        o = o.to(z.dtype)
+        with torch.autocast(z.device.type, enabled=False):
+            for b in range(z.shape[0]):
+                if self.starting:
+                    target = z[b, sl]  # [i, J, C], rows contiguous
+                else:
+                    target = z[b, :, sl].transpose(0, 1)  # [I, j, C] -> [j, I, C]: matrix j's rows stride N_j*C
+                target.baddbmm_(o[b], weight_t.expand(o.shape[1], -1, -1))
 
     def _bias_for_chunks(self, z: Tensor) -> Tensor:
         """The triangle bias for :meth:`add_update`: [B, H, Q, K_all] with queries Q of this rank's chunks.
@@ -224,7 +249,7 @@ class TriangleAttention(nn.Module):
         x: [B, l, Q, C] normalised; mask_bias: [B, l, K_local] for this rank's keys; tri_bias: [B, H, Q, K_all];
         the keys of block ``(first + t) % p`` are here at ring step t; fold_cache: kept across the chunks of one
         attention for the kernel (:func:`~foldcp_hpc.kernels.triangle_attention.fold_key_mask`).
-        returns: [B, l, Q, C] the update.
+        returns: [B, l, Q, H*D] the gated attention output, before the output projection (:meth:`_add_output`).
         """
         grid, mha = self.grid, self.mha
         batch, lines, n_q, _ = x.shape
@@ -266,7 +291,7 @@ class TriangleAttention(nn.Module):
             o = acc.div_(norm).permute(0, 1, 3, 2, 4).flatten(-2)  # [B,l,H,Q,D] -> [B,l,Q,H*D]
         if not gated:
             o = o.to(g.dtype).mul_(g.sigmoid())
-        return mha.linear_o(o)
+        return o
 
 
 def _merge(state: tuple[Tensor, Tensor, Tensor] | None, logits: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
