@@ -150,7 +150,7 @@ def test_fold_key_mask_plan():
     assert len(cache) == 2 and torch.equal(block, first[..., 1:])
 
 
-def test_flash_attention_folded_mask_matches_reference():
+def test_flash_attention_folded_mask_matches_reference(monkeypatch):
     """Rows reading the folded bias (first launch) and rows keeping their own mask (second launch, through the
     device's row list) match float64; queries and keys both end in a partial block, before them whole ones."""
     from foldcp_hpc.kernels import triangle_attention as ta
@@ -165,17 +165,23 @@ def test_flash_attention_folded_mask_matches_reference():
     mask_bias[rows:, n_k - 4:] = -1e30  # the second entry's padding
     mask_bias[rows + 2, 7] = -1e9  # one row with a key mask of its own
     assert ta.fold_key_mask(bias, mask_bias, rows)[1].tolist() == [0] * (rows + 2) + [1] + [0] * (rows - 3)
-    out, lse = ta.flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, rows)
+    folds = []
+    fold = ta.fold_key_mask
+    monkeypatch.setattr(ta, "fold_key_mask", lambda *a, **kw: folds.append(len(a)) or fold(*a, **kw))
+    ta.flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, rows)
+    assert rows < ta.FOLD_MIN_ROWS and not folds  # few rows, no cache: the bias is not copied
+    out, lse = ta.flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, rows, fold_cache={})
+    assert folds
     expected = _attention_reference(q, k, v, bias, mask_bias, width**-0.5, rows)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     logits = torch.einsum("rjhd,rkhd->rhjk", q, k) * width**-0.5 + bias.repeat_interleave(rows, 0) \
         + mask_bias[:, None, None, :]
     torch.testing.assert_close(lse, logits.logsumexp(-1), rtol=1e-5, atol=1e-5)
     gate = torch.randn_like(q)
-    gated, _ = ta.flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, rows, gate=gate)
+    gated, _ = ta.flash_triangle_attention(q, k, v, bias, mask_bias, width**-0.5, rows, gate=gate, fold_cache={})
     torch.testing.assert_close(gated.double(), expected * torch.sigmoid(gate.double()), rtol=1e-5, atol=1e-5)
     bf16, _ = ta.flash_triangle_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias.bfloat16(), mask_bias,
-                                          width**-0.5, rows)
+                                          width**-0.5, rows, fold_cache={})
     assert (bf16.double() - expected).abs().max() < 5e-2
 
 
