@@ -19,7 +19,7 @@ from foldcp_hpc.bench.stages import measure_stages, mmap_every_buffer
 from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
 from foldcp_hpc.plan import Architecture, Problem, stage_transients
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.heap_readings]
 
 N_TOKENS = 128
 MSA_ROWS = 8
