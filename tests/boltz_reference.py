@@ -27,6 +27,24 @@ def float64_reference():
         torch.Tensor.float = original
 
 
+def narrow_boltz2_hparams(**blocks) -> dict:
+    """``reduced_boltz2_hparams(**blocks)`` with narrow channels, for the whole-model parity tests: token_s 64,
+    token_z 32, atom_s 32, atom_z 8, MSA and template widths 16, triangle-attention and head widths 8, Fourier
+    embedding 32 (every head count as released, so each still divides its width). What those tests compare (tiles,
+    rings, windows, reductions against boltz) does not depend on the widths; a whole model of the released
+    widths in float64 costs 20 times as much, and the module tests and the runs of jobs/ use those widths."""
+    from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
+
+    hp = reduced_boltz2_hparams(**blocks)
+    hp.update(token_s=64, token_z=32, atom_s=32, atom_z=8)
+    hp["msa_args"].update(msa_s=16, pairwise_head_width=8)
+    hp["template_args"].update(template_dim=16, pairwise_head_width=8)
+    hp["pairformer_args"]["pairwise_head_width"] = 8
+    hp["confidence_model_args"]["pairformer_args"]["pairwise_head_width"] = 8
+    hp["score_model_args"]["dim_fourier"] = 32
+    return hp
+
+
 def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> torch.nn.Module:
     """Add scale * randn to every parameter (the same on every rank): boltz zero-initialises output layers."""
     generator = torch.Generator().manual_seed(seed)

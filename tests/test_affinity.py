@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from boltz_reference import boltz2_forward, perturb_, relative_error
+from boltz_reference import boltz2_forward, narrow_boltz2_hparams, perturb_, relative_error
 from conftest import everywhere, quiet_bcast
 from foldcp_hpc.data.affinity import affinity_features
 from foldcp_hpc.data.inputs import ParsedInput
@@ -118,17 +118,23 @@ def test_affinity_features_equal_boltz(mol_dir, tmp_path):  # noqa: F811
 def test_affinity_model_equals_boltz2_forward(grid, mol_dir, tmp_path_factory):  # noqa: F811
     from boltz.model.models.boltz2 import Boltz2
 
-    from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams, with_affinity
+    from foldcp_hpc.data.boltz2_hparams import with_affinity
     from foldcp_hpc.model.boltz2 import FoldModel
 
-    tmp_path = tmp_path_factory.mktemp(f"affinity{grid.rank}")
-    parsed = affinity_input(tmp_path, mol_dir, SHORT_PROTEIN)
-    coords = predicted_coords(parsed)
-    ref_feats = boltz_affinity_features(parsed, coords, tmp_path)
-    torch.manual_seed(0)
-    ours, _ = affinity_features(parsed, {}, coords)
+    def make():  # rank 0 featurizes, the others wait asleep (each would make the same)
+        tmp_path = tmp_path_factory.mktemp("affinity")
+        parsed = affinity_input(tmp_path, mol_dir, SHORT_PROTEIN)
+        coords = predicted_coords(parsed)
+        ref = boltz_affinity_features(parsed, coords, tmp_path)
+        torch.manual_seed(0)
+        return ref, affinity_features(parsed, {}, coords)[0]
 
-    hp = with_affinity(reduced_boltz2_hparams(token_transformer_depth=1), pairformer_blocks=1, mw_correction=True)
+    ref_feats, ours = quiet_bcast(grid, make() if grid.rank == 0 else None)
+
+    hp = with_affinity(narrow_boltz2_hparams(token_transformer_depth=1), pairformer_blocks=1, mw_correction=True)
+    for key in ("affinity_model_args1", "affinity_model_args2"):  # the heads as narrow as the rest
+        hp[key]["pairformer_args"]["pairwise_head_width"] = 8
+        hp[key]["transformer_args"]["token_s"] = 64
     torch.manual_seed(0)
     np.random.seed(0)  # boltz's truncated-normal initialisers draw from numpy: the same weights on every rank
     model = perturb_(Boltz2(**hp).double().eval(), seed=9)

@@ -11,11 +11,10 @@ import torch
 from boltz_reference import float64_reference, perturb_, relative_error, shared_randn
 from conftest import everywhere
 from foldcp_hpc.data.boltz2_hparams import embedder_args, reduced_boltz2_hparams
-from foldcp_hpc.data.features import featurize
 from foldcp_hpc.distributed.atom_layout import AtomWindowLayout
 from foldcp_hpc.distributed.autograd import halo_extend
 from foldcp_hpc.model.input_embedder import InputEmbedder
-from test_features import mol_dir, reference_features, tokenize  # noqa: F401 - mol_dir is a fixture
+from test_features import mol_dir, shared_features  # noqa: F401 - mol_dir is a fixture
 from test_pairformer_parity_mpi import compare, parameter_pairs
 
 pytestmark = pytest.mark.mpi
@@ -61,14 +60,10 @@ def embedder_inputs(features):
 
 
 @pytest.mark.parametrize("name", ["protein_dna_rna_ligand", "tiny_peptide"])
-def test_input_embedder_equals_boltz(grid, mol_dir, tmp_path_factory, name):  # noqa: F811
+def test_input_embedder_equals_boltz(grid, mol_dir, name):  # noqa: F811
     from boltz.model.modules.trunkv2 import InputEmbedder as Ref
 
-    tmp_path = tmp_path_factory.mktemp(f"embed{grid.rank}")
-    tokenized, molecules, pockets, contacts = tokenize(name, mol_dir, tmp_path)
-    ref_feats = reference_features(tokenized, molecules, pockets, contacts)
-    torch.manual_seed(0)  # the reference positions' random rotations come from torch's generator, as in Boltz
-    ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
+    ref_feats, ours = shared_features(grid, name, mol_dir)
     if name == "protein_dna_rna_ligand":
         # 13 windows: at 9 ranks every rank owns one or two, so halos come from ranks two places away
         assert ours.n_atoms // 32 >= grid.axis("grid").size, "the input must give every rank windows"

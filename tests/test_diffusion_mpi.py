@@ -7,28 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from boltz_reference import double, float64_reference, perturb_, relative_error, shared_randn
+from boltz_reference import double, float64_reference, narrow_boltz2_hparams, perturb_, relative_error, shared_randn
 from conftest import everywhere, quiet_bcast
-from foldcp_hpc.data.boltz2_hparams import diffusion_conditioning_args, reduced_boltz2_hparams
-from foldcp_hpc.data.features import featurize
+from foldcp_hpc.data.boltz2_hparams import diffusion_conditioning_args
 from foldcp_hpc.distributed.autograd import take_tile
-from test_features import mol_dir, reference_features, tokenize  # noqa: F401 - mol_dir is a fixture
+from test_features import mol_dir, shared_features  # noqa: F401 - mol_dir is a fixture
 from test_pairformer_parity_mpi import compare, parameter_pairs, summed
 
 pytestmark = pytest.mark.mpi
 
 
 @pytest.fixture(scope="module")
-def mixed_features(mol_dir, tmp_path_factory):  # noqa: F811
+def mixed_features(grid, mol_dir):  # noqa: F811
     """(boltz's feats [1, ...] float64, our token and atom dicts [1, ...] float64, N, our Features) of the mixed
     input."""
-    from mpi4py import MPI
-
-    tmp_path = tmp_path_factory.mktemp(f"diffusion{MPI.COMM_WORLD.Get_rank()}")
-    tokenized, molecules, pockets, contacts = tokenize("protein_dna_rna_ligand", mol_dir, tmp_path)
-    ref_feats = reference_features(tokenized, molecules, pockets, contacts)
-    torch.manual_seed(0)
-    ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
+    ref_feats, ours = shared_features(grid, "protein_dna_rna_ligand", mol_dir)
     feats = {k: v[None] for k, v in double(ref_feats).items()}
     token, atom = ours.model_inputs(torch.float64)
     return feats, token, atom, ours.n_tokens, ours
@@ -40,7 +33,7 @@ def test_diffusion_conditioning_equals_boltz(grid, mixed_features):
     from foldcp_hpc.model.diffusion_conditioning import DiffusionConditioning
 
     feats, token, atom, n_tokens, _ = mixed_features
-    hp = reduced_boltz2_hparams(atom_depth=2, token_transformer_depth=2)
+    hp = narrow_boltz2_hparams(atom_depth=2, token_transformer_depth=2)
     args = diffusion_conditioning_args(hp)
     torch.manual_seed(0)
     np.random.seed(0)
@@ -113,7 +106,7 @@ def test_score_model_equals_boltz(grid, mixed_features):
     """One denoising call with two samples (multiplicity 2): r_update of the own atoms, and the gradients of
     every score-model parameter, of r_noisy and of s_trunk / s_inputs."""
     feats, token, atom, n_tokens, _ = mixed_features
-    hp = reduced_boltz2_hparams(atom_depth=2, token_transformer_depth=2)
+    hp = narrow_boltz2_hparams(atom_depth=2, token_transformer_depth=2)
     ref_cond, ref_score, cond, score = build_pair(grid, hp, seed=30)
     c_s, c_z, mult = hp["token_s"], hp["token_z"], 2
     s_trunk = shared_randn(1, n_tokens, c_s, seed=31)
@@ -159,7 +152,7 @@ def test_sampler_equals_boltz(grid, mixed_features):
     from foldcp_hpc.model.sampler import AtomDiffusion
 
     feats, token, atom, n_tokens, _ = mixed_features
-    hp = reduced_boltz2_hparams(atom_depth=1, token_transformer_depth=2)
+    hp = narrow_boltz2_hparams(atom_depth=1, token_transformer_depth=2)
     ref_cond, ref_score, cond, _ = build_pair(grid, hp, seed=40)
     ref = Ref(score_model_args=score_model_args(hp), **hp["diffusion_process_args"]).double().eval()
     ref.score_model.load_state_dict(ref_score.state_dict(), strict=True)
@@ -213,7 +206,7 @@ def test_confidence_equals_boltz(grid, mixed_features):
     from foldcp_hpc.model.confidence import ConfidenceModule
 
     feats, token, atom, n_tokens, ours = mixed_features
-    hp = reduced_boltz2_hparams(confidence_blocks=1)
+    hp = narrow_boltz2_hparams(confidence_blocks=1)
     args = dict(token_level_confidence=True, bond_type_feature=hp["bond_type_feature"],
                 fix_sym_check=hp["fix_sym_check"], cyclic_pos_enc=hp["cyclic_pos_enc"],
                 conditioning_cutoff_min=hp["conditioning_cutoff_min"],

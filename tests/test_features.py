@@ -7,7 +7,10 @@ through ``foldcp_hpc.data.features.featurize``.
 
 from __future__ import annotations
 
+import copy
+import tempfile
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ import torch
 
 from foldcp_hpc.data.features import featurize
 from foldcp_hpc.distributed.autograd import take_tile
-from conftest import REPO, everywhere
+from conftest import REPO, everywhere, quiet_bcast
 
 INPUTS = {
     "protein_dimer": """
@@ -141,6 +144,25 @@ def reference_features(tokenized, molecules, pockets, contacts, seed=0):
         compute_constraint_features=True, override_method=None, compute_affinity=False)
 
 
+_SHARED: dict = {}
+
+
+def shared_features(grid, name, mol_dir):
+    """(boltz's features, our Features) of ``INPUTS[name]`` for the MPI tests, made by rank 0 once a session and
+    broadcast: every rank would make the same, and 9 ranks featurizing at once held a 2-core machine for seconds
+    in every test. Each call returns its own copy."""
+    if name not in _SHARED:
+        made = None
+        if grid.rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                tokenized, molecules, pockets, contacts = tokenize(name, mol_dir, Path(tmp))
+                ref = reference_features(tokenized, molecules, pockets, contacts)
+                torch.manual_seed(0)  # the reference conformers' rotations come from torch's generator
+                made = ref, featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
+        _SHARED[name] = quiet_bcast(grid, made)
+    return copy.deepcopy(_SHARED[name])
+
+
 def dense_from(features, n_classes):
     """Boltz's dense one-hot forms rebuilt from our index maps (for the comparison only)."""
     atom = features.atom
@@ -214,11 +236,8 @@ def test_the_mixed_input_exercises_bonds_and_constraints(mol_dir, tmp_path):
 
 
 @pytest.mark.mpi
-def test_pair_tiles_equal_the_serial_features(grid, mol_dir, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp(f"rank{grid.rank}")
-    tokenized, molecules, pockets, contacts = tokenize("protein_dna_rna_ligand", mol_dir, tmp_path)
-    ref = reference_features(tokenized, molecules, pockets, contacts)
-    ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
+def test_pair_tiles_equal_the_serial_features(grid, mol_dir):
+    ref, ours = shared_features(grid, "protein_dna_rna_ligand", mol_dir)
     tiles = ours.boltz_pair_tile(grid.p, grid.row, grid.col)
     ok = all(torch.equal(tiles[k], take_tile(ref[k].unsqueeze(0), grid.p, grid.row, grid.col)[0])
              for k in ("token_bonds", "type_bonds", "contact_conditioning", "contact_threshold"))

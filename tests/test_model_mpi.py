@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from boltz_reference import boltz2_forward, perturb_, relative_error
+from boltz_reference import boltz2_forward, narrow_boltz2_hparams, perturb_, relative_error
 from conftest import everywhere, quiet_bcast
-from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
-from foldcp_hpc.data.features import featurize
 from foldcp_hpc.distributed.autograd import take_tile
 from foldcp_hpc.model.boltz2 import FoldModel
-from test_features import mol_dir, reference_features, tokenize  # noqa: F401 - mol_dir is a fixture
+from test_features import mol_dir, shared_features  # noqa: F401 - mol_dir is a fixture
 
 pytestmark = pytest.mark.mpi
 
@@ -22,17 +20,13 @@ SCALARS = ("complex_plddt", "complex_iplddt", "complex_pde", "complex_ipde", "pt
            "protein_iptm")
 
 
-def test_fold_model_equals_boltz2_forward(grid, mol_dir, tmp_path_factory):  # noqa: F811
+def test_fold_model_equals_boltz2_forward(grid, mol_dir):  # noqa: F811
     from boltz.model.models.boltz2 import Boltz2
 
-    tmp_path = tmp_path_factory.mktemp(f"model{grid.rank}")
-    tokenized, molecules, pockets, contacts = tokenize("protein_dna_rna_ligand", mol_dir, tmp_path)
-    ref_feats = reference_features(tokenized, molecules, pockets, contacts)
-    torch.manual_seed(0)
-    ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
+    ref_feats, ours = shared_features(grid, "protein_dna_rna_ligand", mol_dir)
     n_tokens = ours.n_tokens
 
-    hp = reduced_boltz2_hparams(token_transformer_depth=2)
+    hp = narrow_boltz2_hparams(token_transformer_depth=2)
     torch.manual_seed(0)
     np.random.seed(0)
     model = perturb_(Boltz2(**hp).double().eval(), seed=8)

@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from boltz_reference import float64_reference, perturb_, relative_error, shared_randn
+from boltz_reference import float64_reference, narrow_boltz2_hparams, perturb_, relative_error, shared_randn
 from conftest import everywhere
-from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
-from foldcp_hpc.data.features import featurize
 from foldcp_hpc.distributed.autograd import take_tile
 from foldcp_hpc.model.pair_init import PairInitializer
-from test_features import mol_dir, reference_features, tokenize  # noqa: F401 - mol_dir is a fixture
+from test_features import mol_dir, shared_features  # noqa: F401 - mol_dir is a fixture
 
 pytestmark = pytest.mark.mpi
 
@@ -23,15 +21,12 @@ def boltz_model():
 
     torch.manual_seed(0)
     np.random.seed(0)
-    return perturb_(Boltz2(**reduced_boltz2_hparams()).double().eval(), seed=3)
+    return perturb_(Boltz2(**narrow_boltz2_hparams()).double().eval(), seed=3)
 
 
 @pytest.mark.parametrize("name", ["protein_dna_rna_ligand", "cyclic_peptide_ions_smiles"])
-def test_z_init_tiles_equal_boltz(grid, boltz_model, mol_dir, tmp_path_factory, name):  # noqa: F811
-    tmp_path = tmp_path_factory.mktemp(f"pairinit{grid.rank}")
-    tokenized, molecules, pockets, contacts = tokenize(name, mol_dir, tmp_path)
-    ref_feats = reference_features(tokenized, molecules, pockets, contacts)
-    ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
+def test_z_init_tiles_equal_boltz(grid, boltz_model, mol_dir, name):  # noqa: F811
+    ref_feats, ours = shared_features(grid, name, mol_dir)
     n_tokens = ours.n_tokens
     model = boltz_model
     s_inputs = shared_randn(1, n_tokens, model.z_init_1.in_features, seed=5)
@@ -46,7 +41,7 @@ def test_z_init_tiles_equal_boltz(grid, boltz_model, mol_dir, tmp_path_factory, 
         z_ref = z_ref + model.token_bonds_type(feats["type_bonds"].long())
         z_ref = z_ref + model.contact_conditioning(feats)
 
-    hp = reduced_boltz2_hparams()
+    hp = narrow_boltz2_hparams()
     mine = PairInitializer(hp["token_s"], hp["token_z"], grid=grid, fix_sym_check=hp["fix_sym_check"],
                            cyclic_pos_enc=hp["cyclic_pos_enc"], bond_type_feature=hp["bond_type_feature"],
                            conditioning_cutoff_min=hp["conditioning_cutoff_min"],

@@ -27,15 +27,14 @@ def test_replica_share_refuses_a_replica_outside_the_grid():
 
 @pytest.mark.mpi
 def test_samples_split_over_replicas_equal_one_grid(grid):
-    from boltz_reference import perturb_
-    from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
+    from boltz_reference import narrow_boltz2_hparams, perturb_
     from foldcp_hpc.distributed.grid import ProcessGrid
     from foldcp_hpc.model.boltz2 import FoldModel
     from test_plan_mpi import synthetic_features
 
     samples = 3  # 4 and 9 replicas: some replicas have no sample
     features = synthetic_features(grid, 23, 4)
-    hp = reduced_boltz2_hparams(pairformer_blocks=1, msa_blocks=1, token_transformer_depth=2, confidence_blocks=1,
+    hp = narrow_boltz2_hparams(pairformer_blocks=1, msa_blocks=1, token_transformer_depth=2, confidence_blocks=1,
                                 atom_depth=1)
 
     def predict(on):

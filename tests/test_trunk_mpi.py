@@ -12,18 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from boltz_reference import double, float64_reference, perturb_, relative_error
+from boltz_reference import double, float64_reference, narrow_boltz2_hparams, perturb_, relative_error
 from conftest import everywhere, quiet_bcast
-from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
 from foldcp_hpc.data.features import featurize
 from foldcp_hpc.distributed.autograd import take_tile
 from foldcp_hpc.model.trunk import Trunk
-from test_features import mol_dir, reference_features, synthetic_templates, tokenize  # noqa: F401 - fixture
+from test_features import mol_dir, reference_features, shared_features, synthetic_templates  # noqa: F401 - fixture
 from test_msa import tokenized_with_msas, write_msa_input
 
 pytestmark = pytest.mark.mpi
 
-RECYCLES = 1
+RECYCLES = 1  # the mixed input's; the MSA and template input's is 0 (recycling is the same code path)
 
 
 def boltz_trunk(model, feats, recycling_steps):
@@ -47,9 +46,9 @@ def boltz_trunk(model, feats, recycling_steps):
     return s_inputs, s, z, model.distogram_module(z)
 
 
-def run_and_compare(grid, ref_feats, ours, templates=None):
+def run_and_compare(grid, ref_feats, ours, templates=None, recycles=RECYCLES):
     """Boltz's trunk on rank 0 (broadcast) and ours on every rank; s_inputs, s, z and distogram within 1e-10."""
-    hp = reduced_boltz2_hparams()
+    hp = narrow_boltz2_hparams()
     torch.manual_seed(0)
     np.random.seed(0)
     from boltz.model.models.boltz2 import Boltz2
@@ -63,7 +62,7 @@ def run_and_compare(grid, ref_feats, ours, templates=None):
     reference = None
     if grid.rank == 0:
         with torch.no_grad(), float64_reference():
-            reference = boltz_trunk(model, feats, recycling_steps=RECYCLES)
+            reference = boltz_trunk(model, feats, recycling_steps=recycles)
     s_inputs_ref, s_ref, z_ref, d_ref = quiet_bcast(grid, reference)
 
     trunk = Trunk(hp, grid=grid).double().eval()
@@ -74,7 +73,7 @@ def run_and_compare(grid, ref_feats, ours, templates=None):
     pair = {k: v[None] for k, v in ours.pair_tile(grid.p, grid.row, grid.col).items()}
     msa = ours.msa_model_block(grid.p, grid.row, grid.col)
     with torch.no_grad():
-        out = trunk(token, atom, pair, template, msa, ours.msa.n_rows, recycling_steps=RECYCLES)
+        out = trunk(token, atom, pair, template, msa, ours.msa.n_rows, recycling_steps=recycles)
 
     layout = grid.layout(ours.n_tokens)
     valid = (slice(None), layout.valid_local(grid.row), layout.valid_local(grid.col))
@@ -88,14 +87,10 @@ def run_and_compare(grid, ref_feats, ours, templates=None):
     return errors
 
 
-def test_trunk_equals_boltz_on_a_mixed_input(grid, mol_dir, tmp_path_factory):  # noqa: F811
+def test_trunk_equals_boltz_on_a_mixed_input(grid, mol_dir):  # noqa: F811
     """Protein with a modified residue, DNA, RNA, a ligand bonded to the protein, pocket and contact constraints
     (no MSA, no template: the template module must add exactly 0)."""
-    tmp_path = tmp_path_factory.mktemp(f"trunk{grid.rank}")
-    tokenized, molecules, pockets, contacts = tokenize("protein_dna_rna_ligand", mol_dir, tmp_path)
-    ref_feats = reference_features(tokenized, molecules, pockets, contacts)
-    torch.manual_seed(0)  # the reference conformers' random rotations come from torch's generator, as in Boltz
-    ours = featurize(tokenized, molecules, np.random.default_rng(42), pockets, contacts)
+    ref_feats, ours = shared_features(grid, "protein_dna_rna_ligand", mol_dir)
     run_and_compare(grid, ref_feats, ours)
 
 
@@ -105,7 +100,7 @@ def msa_template_input(tmp_path_factory):
     single-sequence mode, and a ligand."""
     from mpi4py import MPI
 
-    seq_a, seq_b, seq_d = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRV", "GSHMSLFDFFKNKGSAATATDRLK", "MSLFDFFKNKGSAATATDRL"
+    seq_a, seq_b, seq_d = "MKTAYIAKQRQISFVKSHFS", "GSHMSLFDFFKNKG", "MSLFDFFKNKGS"  # 96 tokens with E and F
     return write_msa_input(tmp_path_factory.mktemp(f"trunk-msa{MPI.COMM_WORLD.Get_rank()}"), seq_a, seq_b, seq_d,
                            rows=(10, 8, 6))
 
@@ -116,12 +111,16 @@ def test_trunk_equals_boltz_with_msas_and_templates(grid, msa_template_input):
 
     from conftest import REPO
 
-    tokenized = tokenized_with_msas(msa_template_input)
-    molecules = parse_input(msa_template_input, REPO / ".cache" / "test-mols").molecules
-    ref_feats = reference_features(tokenized, molecules, None, None)
-    torch.manual_seed(0)
-    ours = featurize(tokenized, molecules, np.random.default_rng(42), None, None)
+    def make():  # rank 0 featurizes, the others wait asleep (each would make the same)
+        tokenized = tokenized_with_msas(msa_template_input)
+        molecules = parse_input(msa_template_input, REPO / ".cache" / "test-mols").molecules
+        ref = reference_features(tokenized, molecules, None, None)
+        torch.manual_seed(0)
+        return ref, featurize(tokenized, molecules, np.random.default_rng(42), None, None)
+
+    ref_feats, ours = quiet_bcast(grid, make() if grid.rank == 0 else None)
     assert ours.msa.n_rows > 10 and bool(ref_feats["msa_paired"].sum() > 0)
     # Boltz accumulates the deletion mean in float32 (equal to 1e-7, test_msa); give both sides the same values
     ours.token["deletion_mean"] = torch.as_tensor(ref_feats["deletion_mean"]).clone()
-    run_and_compare(grid, ref_feats, ours, templates=synthetic_templates(ours.n_tokens, n_templates=2, seed=5))
+    run_and_compare(grid, ref_feats, ours, templates=synthetic_templates(ours.n_tokens, n_templates=2, seed=5),
+                    recycles=0)
