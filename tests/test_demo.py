@@ -1,12 +1,13 @@
 """The README's main job end to end: ``mpirun -n 4 foldcp-hpc run jobs/demo.toml`` writes Boltz-layout outputs
 (mmCIF that biotite and gemmi read, Boltz-2's confidence JSON keys, pLDDT in [0, 1], the affinity JSON of the
-affinity pass), all labelled untrained."""
+affinity pass, and with ``[output] save`` the intermediates that read back), all labelled untrained."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 
 from conftest import REPO, mpirun
 
@@ -14,16 +15,26 @@ AFFINITY_KEYS = ["affinity_pred_value", "affinity_probability_binary", "affinity
                  "affinity_probability_binary1", "affinity_pred_value2", "affinity_probability_binary2"]
 BOLTZ2_KEYS = ["confidence_score", "ptm", "iptm", "ligand_iptm", "protein_iptm", "complex_plddt", "complex_iplddt",
                "complex_pde", "complex_ipde", "chains_ptm", "pair_chains_iptm"]
+SAVED = ["s_inputs", "trunk_s", "trunk_z", "distogram", "pae", "pde", "plddt"]  # [output] save: every intermediate
 
 
-def test_demo_job_writes_boltz_outputs(tmp_path):
-    # the README's job as shipped, but 50 sampler steps in each pass instead of 200: half of the suite's longest
-    # test (the sampler itself is tested against boltz elsewhere)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The README's job run once for this module: as shipped, but one recycle and 10 sampler steps in each pass
+    (the trunk and the sampler are tested against boltz elsewhere), ``[output] save`` on and checkpoints off.
+    Returns (the finished process, its output folder)."""
+    out = tmp_path_factory.mktemp("demo")
     done = mpirun(4, str(REPO / ".venv" / "bin" / "foldcp-hpc"), "run", str(REPO / "jobs" / "demo.toml"),
-                  f"output.dir={tmp_path}", "sampling.sampling_steps=50", "sampling.affinity_sampling_steps=50",
-                  timeout=900)
+                  f"output.dir={out}", "sampling.recycling_steps=1", "sampling.sampling_steps=10",
+                  "sampling.affinity_recycling_steps=1", "sampling.affinity_sampling_steps=10",
+                  "checkpoint.enabled=false", f"output.save={json.dumps(SAVED)}", timeout=900)
+    return done, out
+
+
+def test_demo_job_writes_boltz_outputs(demo):
+    done, tmp_path = demo
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "UNTRAINED" in done.stdout and "sampling: 50/50" in done.stdout
+    assert "UNTRAINED" in done.stdout and "sampling: 10/10" in done.stdout
     folder = tmp_path / "predictions" / "demo"
     for k in range(2):
         for name in (f"demo_model_{k}.cif", f"confidence_demo_model_{k}.json", f"plddt_demo_model_{k}.npz",
@@ -56,11 +67,32 @@ def test_demo_job_writes_boltz_outputs(tmp_path):
     assert [key for key in affinity if key != "untrained_weights"] == AFFINITY_KEYS
     assert affinity["untrained_weights"] is True
     assert all(0 <= affinity[key] <= 1 for key in AFFINITY_KEYS if "probability" in key)
-    assert "affinity pass: sampling: 50/50" in done.stdout
+    assert "affinity pass: sampling: 10/10" in done.stdout
     first, second = (json.loads((folder / f"confidence_demo_model_{k}.json").read_text())["confidence_score"]
                      for k in range(2))
     assert first >= second  # samples ranked by confidence_score, as Boltz ranks them
 
+
+
+def test_saved_intermediates_read_back(demo):
+    """``[output] save`` streams tiles into intermediates_<name>.h5; the PAE and pLDDT there are the ones the npz
+    files hold; with checkpoints off no checkpoint folder is made."""
+    import h5py
+
+    done, out = demo
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with h5py.File(out / "intermediates_demo.h5", "r") as h5:
+        assert h5.attrs["complete"] and h5.attrs["stage"] == "prediction"
+        assert h5["/trunk/z"].shape == (72, 72, 128) and h5["/trunk/s"].shape == (72, 384)
+        assert h5["/distogram"].shape == (72, 72, 64) and h5["/confidence/pde"].shape == (2, 72, 72)
+        assert np.isfinite(h5["/trunk/z"][()]).all() and np.abs(h5["/trunk/z"][()]).max() > 0
+        pae = h5["/confidence/pae"][()]
+        plddt = h5["/confidence/plddt"][()]
+    written = sorted(np.load(p)["pae"].tobytes() for p in (out / "predictions" / "demo").glob("pae_*.npz"))
+    assert written == sorted(pae[k].astype(np.float32).tobytes() for k in range(2))
+    written = sorted(np.load(p)["plddt"].tobytes() for p in (out / "predictions" / "demo").glob("plddt_*.npz"))
+    assert written == sorted(plddt[k].astype(np.float32).tobytes() for k in range(2))
+    assert not (out / "checkpoints").exists()
 
 def test_run_ends_the_whole_job_on_bad_input(tmp_path):
     """A missing input or a bad job value: one line naming the file and field, every rank gone in seconds."""
