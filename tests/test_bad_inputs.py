@@ -1,6 +1,10 @@
 """Bad inputs end the whole 4-rank job within seconds, with one line that names the file and the field.
 
-Each case runs ``foldcp-hpc featurize`` under ``mpirun -n 4`` (through jobs/mpirun-local.sh).
+Every case's message is checked in this process, where rank 0 of ``foldcp-hpc featurize`` meets it (the job file
+loaded, then :func:`~foldcp_hpc.featurize.features_of`: one ``InputError`` of one line); cases that fail at
+different stages (the YAML, a CCD lookup in boltz's parser, the token count after tokenizing, a missing file) also
+run ``foldcp-hpc featurize`` under ``mpirun -n 4`` (through jobs/mpirun-local.sh), where every case takes the same
+way out (rank 0's error, the error policy's one line, the whole job ended).
 """
 
 from __future__ import annotations
@@ -50,8 +54,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_ends_the_job_with_one_line(case, tmp_path):
+MPI_CASES = ["malformed_yaml", "unknown_ccd_code", "too_many_tokens", "missing_input_file"]
+
+
+def job_of(case, tmp_path):
+    """The case's input and job file in ``tmp_path``; returns (job file, overrides, expected message)."""
     filename, text, overrides, message = CASES[case]
     if filename is None:
         filename = "missing.yaml"
@@ -63,9 +70,28 @@ def test_bad_input_ends_the_job_with_one_line(case, tmp_path):
         path = "{filename}"
         ccd_cache = "{REPO / '.cache' / 'test-mols'}"
     """))
+    return job, [f"{k}={v}" for k, v in overrides.items()], message
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_input_error_line(case, tmp_path, no_mpi):
+    from foldcp_hpc.config import load_job
+    from foldcp_hpc.data.inputs import InputError
+    from foldcp_hpc.featurize import features_of
+
+    path, overrides, message = job_of(case, tmp_path)
+    job = load_job(str(path), overrides)
+    with pytest.raises(InputError) as info:  # what rank 0 of foldcp-hpc featurize runs first
+        features_of(job.resolve(job.input.path), job.resolve(job.input.ccd_cache), job.input.max_tokens,
+                    job.input.max_msa_seqs)
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("case", MPI_CASES)
+def test_bad_input_ends_the_job_with_one_line(case, tmp_path):
+    job, overrides, message = job_of(case, tmp_path)
     start = time.monotonic()
-    result = mpirun(4, sys.executable, "-m", "foldcp_hpc.cli", "featurize", str(job),
-                    *(f"{k}={v}" for k, v in overrides.items()), timeout=60)
+    result = mpirun(4, sys.executable, "-m", "foldcp_hpc.cli", "featurize", str(job), *overrides, timeout=60)
     elapsed = time.monotonic() - start
     lines = [line for line in result.stderr.splitlines() if line.startswith("foldcp-hpc:")]
     assert result.returncode != 0, result.stdout
