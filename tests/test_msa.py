@@ -114,16 +114,20 @@ def test_each_rank_block_equals_the_serial_msa(grid, msa_input):
     """Rank (r, c) holds MSA rows block c of token block r; padding rows and tokens are gaps."""
     from boltz.data import const
 
-    tokenized = tokenized_with_msas(msa_input)
-    ref = boltz_msa_features(tokenized)
-    plan = plan_msa(tokenized)
-    tokens = grid.layout(len(tokenized.tokens)).block(grid.row)
+    from conftest import quiet_bcast
+
+    def make():  # rank 0 parses, the others wait asleep (each would make the same)
+        tokenized = tokenized_with_msas(msa_input)
+        return len(tokenized.tokens), boltz_msa_features(tokenized), plan_msa(tokenized)
+
+    n_tokens, ref, plan = quiet_bcast(grid, make() if grid.rank == 0 else None)
+    tokens = grid.layout(n_tokens).block(grid.row)
     rows = grid.layout(plan.n_rows).block(grid.col)
     msa, _, paired = plan.block(rows, tokens)
     gap = const.token_ids["-"]
-    full = torch.full((grid.layout(plan.n_rows).n_padded, grid.layout(len(tokenized.tokens)).n_padded), gap)
-    full[: plan.n_rows, : len(tokenized.tokens)] = ref["msa"]
+    full = torch.full((grid.layout(plan.n_rows).n_padded, grid.layout(n_tokens).n_padded), gap)
+    full[: plan.n_rows, : n_tokens] = ref["msa"]
     ok = torch.equal(msa, full[rows, tokens])
-    profile, _ = plan.profile_and_deletion_mean(slice(tokens.start, min(tokens.stop, len(tokenized.tokens))))
+    profile, _ = plan.profile_and_deletion_mean(slice(tokens.start, min(tokens.stop, n_tokens)))
     ok &= torch.equal(profile, ref["profile"][tokens])
     assert everywhere(grid, ok)

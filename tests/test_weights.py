@@ -88,10 +88,12 @@ def test_foreign_checkpoints_are_refused_with_the_differences(checkpoint, tmp_pa
 def test_rank0_reads_and_every_rank_gets_the_same_weights(grid, tmp_path_factory):
     from mpi4py import MPI
 
+    from boltz_reference import narrow_boltz2_hparams
+
     path = None
-    if grid.rank == 0:
+    if grid.rank == 0:  # narrow channels: the same keys and broadcasts as the released widths, 1/30 of the bytes
         path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
-        lightning_checkpoint(path, seed=5)
+        lightning_checkpoint(path, seed=5, hparams=narrow_boltz2_hparams())
     path = grid.comm.bcast(str(path) if path else None, root=0)
     weights = load_weights(grid, path)
     reference = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
@@ -103,7 +105,9 @@ def test_rank0_reads_and_every_rank_gets_the_same_weights(grid, tmp_path_factory
 
 @pytest.mark.mpi
 def test_random_weights_are_seeded_identical_everywhere_and_labelled(grid):
-    weights = load_weights(grid, "random", reduced_boltz2_hparams(), seed=11)
+    from boltz_reference import narrow_boltz2_hparams
+
+    weights = load_weights(grid, "random", narrow_boltz2_hparams(), seed=11)
     checksum = sum(float(t.double().sum()) for t in weights.state_dict.values() if t.is_floating_point())
     assert everywhere(grid, checksum == grid.comm.bcast(checksum, root=0))
     assert everywhere(grid, weights.untrained and weights.source == "random (seed 11)")
