@@ -19,6 +19,7 @@ from conftest import everywhere
 pytestmark = pytest.mark.mpi
 
 N = 37  # not divisible by 2 or 3
+N_FUSED = 19  # the fused kernels' tests (one rank): 361 pair rows, 22 whole blocks of 16 rows and a partial one
 B = 1
 C_Z = 8
 C_S = 16
@@ -127,10 +128,10 @@ def test_triangle_multiplication_fused(grid, outgoing, monkeypatch):
     if grid.p > 1:  # keep the suite's time (22 s at 4 ranks): the operands' Cannon ring is the unfused path's
         pytest.skip("the fused kernels in Triton's interpreter run on one rank")
     name = "TriangleMultiplicationOutgoing" if outgoing else "TriangleMultiplicationIncoming"
-    dim = 32
+    dim, n = 32, N_FUSED
     ref, mine = build(getattr(boltz_mult, name), getattr(ours, name), (dim,), {}, grid, seed=11 + outgoing)
-    z = shared_randn(B, N, N, dim, seed=110)
-    mask = token_mask(B, N, 111)
+    z = shared_randn(B, n, n, dim, seed=110)
+    mask = token_mask(B, n, 111)
     pair_mask = mask[:, :, None] * mask[:, None, :]
     with float64_reference(), torch.no_grad():
         expected = z + ref(z, mask=pair_mask)
@@ -141,7 +142,7 @@ def test_triangle_multiplication_fused(grid, outgoing, monkeypatch):
         monkeypatch.setenv("FOLDCP_TRITON", switch)
         tile = grid.scatter_pair(z.float()).contiguous()  # as the model's tiles (the kernel reads z as rows)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            results[switch] = grid.gather_pair(mine.add_update(tile, grid.scatter_pair(pair_mask.float())), N)
+            results[switch] = grid.gather_pair(mine.add_update(tile, grid.scatter_pair(pair_mask.float())), n)
     assert calls, "the fused kernel was not used"
     keep = pair_mask[..., None]
     against_unfused = relative_error(results["1"].double() * keep, results["0"].double() * keep)
@@ -247,7 +248,7 @@ def test_transition_fused(grid, monkeypatch):
         pytest.skip("the fused kernel in Triton's interpreter runs on one rank")
     dim = 32
     ref, mine = build(Ref, lambda *a, grid: ours.Transition(*a), (dim, 4 * dim), {}, grid, seed=6)
-    z = shared_randn(B, N, N, dim, seed=60)
+    z = shared_randn(B, N_FUSED, N_FUSED, dim, seed=60)
     with float64_reference(), torch.no_grad():
         expected = z + ref(z)
     mine = mine.float()
