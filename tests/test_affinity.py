@@ -131,7 +131,8 @@ def test_affinity_model_equals_boltz2_forward(grid, mol_dir, tmp_path_factory): 
 
     ref_feats, ours = quiet_bcast(grid, make() if grid.rank == 0 else None)
 
-    hp = with_affinity(narrow_boltz2_hparams(token_transformer_depth=1), pairformer_blocks=1, mw_correction=True)
+    hp = with_affinity(narrow_boltz2_hparams(pairformer_blocks=1, token_transformer_depth=1), pairformer_blocks=1,
+                       mw_correction=True)
     for key in ("affinity_model_args1", "affinity_model_args2"):  # the heads as narrow as the rest
         hp[key]["pairformer_args"]["pairwise_head_width"] = 8
         hp[key]["transformer_args"]["token_s"] = 64

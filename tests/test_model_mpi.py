@@ -26,7 +26,7 @@ def test_fold_model_equals_boltz2_forward(grid, mol_dir):  # noqa: F811
     ref_feats, ours = shared_features(grid, "protein_dna_rna_ligand", mol_dir)
     n_tokens = ours.n_tokens
 
-    hp = narrow_boltz2_hparams(token_transformer_depth=2)
+    hp = narrow_boltz2_hparams(pairformer_blocks=1, token_transformer_depth=2)
     torch.manual_seed(0)
     np.random.seed(0)
     model = perturb_(Boltz2(**hp).double().eval(), seed=8)
