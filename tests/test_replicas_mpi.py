@@ -32,7 +32,9 @@ def test_samples_split_over_replicas_equal_one_grid(grid):
     from foldcp_hpc.model.boltz2 import FoldModel
     from test_plan_mpi import synthetic_features
 
-    samples = 3  # 4 and 9 replicas: some replicas have no sample
+    if grid.p == 3:  # not a boltz parity test: 9 replicas add nothing to 4 (the model on 3 x 3: test_model_mpi)
+        pytest.skip("checked at 4 ranks: 4 replicas for 3 samples already leave one replica without a sample")
+    samples = 3  # 4 replicas: one has no sample
     features = synthetic_features(grid, 23, 4)
     hp = narrow_boltz2_hparams(pairformer_blocks=1, msa_blocks=1, token_transformer_depth=2, confidence_blocks=1,
                                 atom_depth=1)
