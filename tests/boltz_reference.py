@@ -31,8 +31,9 @@ def narrow_boltz2_hparams(**blocks) -> dict:
     """``reduced_boltz2_hparams(**blocks)`` with narrow channels, for the whole-model parity tests: token_s 64,
     token_z 32, atom_s 32, atom_z 8, MSA and template widths 16, triangle-attention and head widths 8, Fourier
     embedding 32 (every head count as released, so each still divides its width). What those tests compare (tiles,
-    rings, windows, reductions against boltz) does not depend on the widths; a whole model of the released
-    widths in float64 costs 20 times as much, and the module tests and the runs of jobs/ use those widths."""
+    rings, windows, reductions against boltz) does not depend on the widths, and the released widths in float64
+    cost several times as much (the whole-model test on one rank: 12 s against 3 s). The released widths still
+    run in the demo job (boltz2-small), the input embedder's parity test, the planner's and the bench's tests."""
     from foldcp_hpc.data.boltz2_hparams import reduced_boltz2_hparams
 
     hp = reduced_boltz2_hparams(**blocks)

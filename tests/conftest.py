@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
     They read glibc's heap statistics (``mallinfo2``) after every operator, and mallinfo2 walks every free chunk:
     on a heap fragmented by the tests before them a reading takes milliseconds, and the 4-rank planner check took
-    210 s late in the session against 33 s on a fresh heap (the readings are the same)."""
+    210 s late in the session against 33 s on a fresh heap (the readings count bytes in use, whatever the order)."""
     items.sort(key=lambda item: item.get_closest_marker("heap_readings") is None)
 
 

@@ -11,15 +11,20 @@ from foldcp_hpc.data.weights import (CheckpointError, check_layout, expected_lay
 from conftest import everywhere
 
 
-def lightning_checkpoint(path, seed=0, hparams=None):
+def lightning_checkpoint(path, seed=0, hparams=None, perturb=False):
     """A real-layout checkpoint: boltz's Boltz2 (``hparams``, default the reduced architecture) with random
-    weights, saved the way Lightning saves one."""
+    weights (``perturb``: every parameter perturbed, as boltz's initialisers zero the output layers), saved the
+    way Lightning saves one."""
     import numpy
     from boltz.model.models.boltz2 import Boltz2
+
+    from boltz_reference import perturb_
 
     torch.manual_seed(seed)
     numpy.random.seed(seed)
     model = Boltz2(**(hparams or reduced_boltz2_hparams()))
+    if perturb:
+        perturb_(model, seed=seed)
     torch.save({"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "2.5.0",
                 "state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                 "optimizer_states": [], "lr_schedulers": []}, path)
