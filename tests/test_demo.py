@@ -32,10 +32,10 @@ def demo(tmp_path_factory):
 
 
 def test_demo_job_writes_boltz_outputs(demo):
-    done, tmp_path = demo
+    done, out = demo
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "UNTRAINED" in done.stdout and "sampling: 10/10" in done.stdout
-    folder = tmp_path / "predictions" / "demo"
+    folder = out / "predictions" / "demo"
     for k in range(2):
         for name in (f"demo_model_{k}.cif", f"confidence_demo_model_{k}.json", f"plddt_demo_model_{k}.npz",
                      f"pae_demo_model_{k}.npz"):
@@ -56,7 +56,7 @@ def test_demo_job_writes_boltz_outputs(demo):
 
         structure = gemmi.read_structure(str(folder / f"demo_model_{k}.cif"))
         assert sum(1 for _ in structure[0].all()) == 352
-    report = json.loads((tmp_path / "run_report_demo.json").read_text())
+    report = json.loads((out / "run_report_demo.json").read_text())
     stages = [row["stage"] for row in report["stages"]]
     expected = {"weights", "trunk", "sampling", "confidence", "affinity pass: weights", "affinity pass: trunk",
                 "affinity pass: affinity heads"}
@@ -71,7 +71,6 @@ def test_demo_job_writes_boltz_outputs(demo):
     first, second = (json.loads((folder / f"confidence_demo_model_{k}.json").read_text())["confidence_score"]
                      for k in range(2))
     assert first >= second  # samples ranked by confidence_score, as Boltz ranks them
-
 
 
 def test_saved_intermediates_read_back(demo):
@@ -93,6 +92,7 @@ def test_saved_intermediates_read_back(demo):
     written = sorted(np.load(p)["plddt"].tobytes() for p in (out / "predictions" / "demo").glob("plddt_*.npz"))
     assert written == sorted(plddt[k].astype(np.float32).tobytes() for k in range(2))
     assert not (out / "checkpoints").exists()
+
 
 def test_run_ends_the_whole_job_on_bad_input(tmp_path):
     """A missing input or a bad job value: one line naming the file and field, every rank gone in seconds."""
