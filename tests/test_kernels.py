@@ -353,6 +353,41 @@ def test_norm_gate_matches_pytorch(same):
         norm_gate(x_v, norm_v, w_v.float(), w_g.float(), out=out, out_rows_first=False)
 
 
+def test_norm_linear_matches_pytorch():
+    """LayerNorm and one bfloat16 projection with float32 accumulation in one pass, as autocast computes
+    ``Linear(LayerNorm(x))`` (LayerNorm in float32, rounded to bfloat16, products widened): rows read in place
+    from an ending node's column chunk (two row dims), output written contiguous, heads-first through strides,
+    and narrower than one output block; bad weights and output strides refused."""
+    from foldcp_hpc.kernels.norm_linear import norm_linear, norm_linear_ok
+
+    torch.manual_seed(6)
+    norm = torch.nn.LayerNorm(32)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    z = torch.randn(1, 9, 11, 32) * 2 + 1
+    w_wide, w_narrow = torch.randn(40, 32).bfloat16(), torch.randn(4, 32).bfloat16()
+
+    def reference(x, w):
+        return norm(x).bfloat16().float() @ w.float().t()
+
+    assert norm_linear_ok(z) and not norm_linear_ok(z[..., :24])
+    with torch.no_grad():
+        chunk = z[:, :, 2:7].transpose(1, 2)  # [B,I,j,C] -> [B,j,I,C]: two row dims, read in place
+        out = norm_linear(chunk, norm, w_wide)  # 40 outputs: a whole block of 16 and a partial one
+        assert out.dtype == torch.bfloat16 and out.shape == (1, 5, 9, 40) and out.is_contiguous()
+        expected = reference(chunk, w_wide)
+        # bfloat16 output: at most one unit in the last place where float32 summation order moved a rounding
+        assert ((out.float() - expected).abs() <= expected.abs() * 2**-7 + 1e-6).all()
+        heads_first = torch.empty(1, 4, 9, 11)  # [B,H,I,J] float32, written from rows (i, j)
+        norm_linear(z[0], norm, w_narrow, out=heads_first[0].permute(1, 2, 0))
+        torch.testing.assert_close(heads_first, reference(z, w_narrow).permute(0, 3, 1, 2), rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="bfloat16 or float16"):
+            norm_linear(z, norm, w_wide.float())
+        with pytest.raises(ValueError, match="one row stride"):
+            norm_linear(z, norm, w_narrow, out=torch.empty(1, 11, 9, 4).transpose(1, 2))
+
+
 def test_swiglu_add_matches_pytorch():
     """The transition in one pass, in place: as PyTorch computes the same steps (LayerNorm in float32 rounded to
     bfloat16, fc1 and fc2 widened, silu(fc1) * fc2 in float32 rounded to bfloat16, fc3 widened), to float32

@@ -240,6 +240,74 @@ def test_transition_on_tiles(grid):
     run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z), lambda m, z, pm: m(z), seed=50)
 
 
+@pytest.mark.parametrize("starting", [True, False])
+def test_triangle_attention_fused_projections(grid, starting, monkeypatch):
+    """Under autocast, ``add_update`` normalises and projects each chunk's rows (q, k, v, gate) and the triangle
+    bias in one kernel pass (Triton's interpreter on the CPU; the ending node's column chunks read in place):
+    equal to the LayerNorm-then-Linear path into the same flash kernel up to bfloat16 roundings moved by float32
+    summation order, and within bfloat16 rounding of boltz's module in float64."""
+    import foldcp_hpc.model.triangular_attention as tri_att
+    from boltz.model.layers.triangular_attention import attention as boltz_attention
+
+    pytest.importorskip("triton")
+    if grid.p > 1:  # the projections are tile-local; the ring of keys is covered by the tests above
+        pytest.skip("the fused kernels in Triton's interpreter run on one rank")
+    monkeypatch.setenv("FOLDCP_TRITON", "1")  # conftest chose Triton's interpreter
+    name = "TriangleAttentionStartingNode" if starting else "TriangleAttentionEndingNode"
+    dim, n = 16, N_FUSED
+    ref, mine = build(getattr(boltz_attention, name), getattr(ours, name), (dim, 16, 2), {"inf": 1e9}, grid,
+                      seed=12 + starting)
+    z = shared_randn(B, n, n, dim, seed=120)
+    mask = token_mask(B, n, 121)
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    with float64_reference(), torch.no_grad():
+        expected = z + ref(z, mask=pair_mask, chunk_size=4)
+    mine = mine.float()
+    calls = counted(monkeypatch, tri_att, "norm_linear")
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(tri_att, "norm_linear_ok", lambda x, fused=fused: fused)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            results[fused] = mine.add_update(z.float().contiguous(), pair_mask.float(), chunk_size=4, n_tokens=n)
+    assert len(calls) > 2, "the fused kernel was not used for the bias and the chunks"
+    keep = pair_mask[..., None]  # the updates compared (z itself would hide them)
+    update, unfused = ((results[fused].double() - z) * keep for fused in (True, False))
+    boltz_update = (expected - z) * keep
+    errors = (relative_error(update, unfused), relative_error(update, boltz_update),
+              relative_error(unfused, boltz_update))
+    # a bfloat16 rounding of q, k or v moved by the summation order moves a sharp softmax: ~6e-4 here; both
+    # paths are ~7e-3 from boltz in float64 (bfloat16 projections)
+    assert errors[0] <= 5e-3 and errors[1] <= 2e-2 and errors[1] <= 1.1 * errors[2], errors
+
+
+def test_single_track_fused_pair_bias(grid, monkeypatch):
+    """Under autocast, the single track's pair bias is made in one kernel pass straight into its heads-first
+    layout (Triton's interpreter on the CPU): equal to the LayerNorm-then-Linear path up to bfloat16 roundings
+    moved by float32 summation order."""
+    import foldcp_hpc.model.attention as single
+    from boltz.model.layers.attentionv2 import AttentionPairBias as Ref
+
+    pytest.importorskip("triton")
+    if grid.p > 1:  # tile-local
+        pytest.skip("the fused kernel in Triton's interpreter runs on one rank")
+    ref, mine = build(Ref, ours.AttentionPairBias, (C_S, 16, 4), {}, grid, seed=13)
+    z = shared_randn(B, N_FUSED, N_FUSED, 16, seed=130)
+    mine = mine.float()
+    calls = counted(monkeypatch, single, "norm_linear")
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("FOLDCP_TRITON", switch)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            results[switch] = mine._pair_bias(z.float())
+    assert calls, "the fused kernel was not used"
+    assert results["1"].shape == results["0"].shape == (B, 4, N_FUSED, N_FUSED)
+    assert results["1"].dtype == results["0"].dtype == torch.bfloat16
+    with float64_reference():
+        expected = ref.proj_z(z)
+    assert relative_error(results["1"].double(), results["0"].double()) <= 4e-3  # one bfloat16 unit at most
+    assert relative_error(results["1"].double(), expected) <= 2e-2
+
+
 def test_transition_fused(grid, monkeypatch):
     """Under autocast, ``add_update`` runs the whole transition as one kernel (Triton's interpreter on the CPU),
     which keeps fc1 and fc2 in float32: its error against boltz's module in float64 is within bfloat16 rounding

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from ..distributed import autograd as cp
 from ..distributed import collectives as raw
 from ..kernels import triangle_attention as flash
-from .common import (PAD_BIAS, ChunkWriter, at_least_f32, block_is_padding, layer_norm, per_token, repeat_samples,
-                     row_chunks, rows_within)
+from ..kernels.norm_linear import norm_linear, norm_linear_ok
+from .common import (PAD_BIAS, ChunkWriter, at_least_f32, autocast_low_dtype, block_is_padding, layer_norm,
+                     per_token, repeat_samples, row_chunks, rows_within)
 
 if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
@@ -74,8 +75,17 @@ class AttentionPairBias(nn.Module):
         float32, one float32 copy when it is not (the copy Boltz's ``.float()`` makes)."""
         if not self.compute_pair_bias:
             return self.proj_z(at_least_f32(z))  # [B,I,J,H] -> [B,H,I,J]
-        rows = rows_within(z.numel() / 8, z[:, :1].numel(), z.shape[1])
         norm, linear, heads_first = self.proj_z
+        low = autocast_low_dtype(z)
+        if low is not None and not torch.is_grad_enabled() and norm_linear_ok(z):
+            # one pass: z's rows normalised and projected straight into the heads-first bias, in the dtype
+            # autocast's Linear returns (no float32 copy of z, no normalised rows, no move to heads-first)
+            weight = linear.weight.to(low).contiguous()
+            bias = z.new_empty(z.shape[0], self.num_heads, *z.shape[1:3], dtype=low)  # [B,H,I,J]
+            for b in range(z.shape[0]):
+                norm_linear(z[b], norm, weight, out=bias[b].permute(1, 2, 0))  # [H,I,J] -> [I,J,H] view
+            return bias
+        rows = rows_within(z.numel() / 8, z[:, :1].numel(), z.shape[1])
         bias = ChunkWriter(dim=2, size=z.shape[1])
         for sl in row_chunks(z.shape[1], rows):
             # layer_norm: the Triton kernel without autograd on CUDA (PyTorch's gives each 128-channel row a block)

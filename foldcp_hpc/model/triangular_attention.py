@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from ..distributed import autograd as cp
 from ..kernels import triangle_attention as flash
-from .common import (PAD_BIAS, ChunkWriter, at_least_f32, block_is_padding, layer_norm, refuse_autograd, ring,
-                     row_chunks, rows_within, inference_rows)
+from ..kernels.norm_linear import norm_linear, norm_linear_ok
+from .common import (PAD_BIAS, ChunkWriter, at_least_f32, autocast_low_dtype, block_is_padding, layer_norm,
+                     refuse_autograd, ring, row_chunks, rows_within, inference_rows)
 
 # The logits of one chunk of query rows stay within this fraction of the tile's size.
 LOGITS_BUDGET = 0.125
@@ -184,16 +185,28 @@ class TriangleAttention(nn.Module):
         if chunk_size is not None and not kernel:
             lines = min(lines, chunk_size)
         fold_cache = {}  # the bias with the key mask folded in, made once per key block (see the kernel)
+        mha = self.mha
+        weight = torch.cat([mha.linear_q.weight, mha.linear_k.weight, mha.linear_v.weight, mha.linear_g.weight])
         for sl in row_chunks(n_i if self.starting else n_j, lines):
             if self.starting:
-                x = layer_norm(self.layer_norm, z[:, sl])  # [B,i,J,C]: row i's queries j and keys k (columns)
+                x = z[:, sl]  # [B,i,J,C]: row i's queries j and keys k (columns)
                 key_mask = mask[:, sl]  # [B,i,K]
             else:
-                x = layer_norm(self.layer_norm, z[:, :, sl].transpose(1, 2))  # [B,I,j,C] -> [B,j,I,C]: column j's
+                x = z[:, :, sl].transpose(1, 2)  # [B,I,j,C] -> [B,j,I,C]: column j's queries and keys (rows)
                 key_mask = mask[:, :, sl].transpose(1, 2)  # [B,I,j] -> [B,j,K]: keys k are rows of the column
-            o = self._attend(x, self.inf * (key_mask - 1), tri_bias, axis, first, padding, kernel, fold_cache)
+            qkvg = self._norm_linear(x, weight)  # [B,l,Q,4HD]
+            o = self._attend(qkvg, self.inf * (key_mask - 1), tri_bias, axis, first, padding, kernel, fold_cache)
             self._add_output(z, sl, o)
         return z
+
+    def _norm_linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``LN(x) @ weight^T`` for rows x [..., C] (any strides): one kernel pass under autocast on CUDA
+        (:func:`~foldcp_hpc.kernels.norm_linear.norm_linear`, the same roundings), the LayerNorm then the Linear
+        otherwise. weight: [E, C]; returns [..., E]."""
+        low = autocast_low_dtype(x)
+        if low is not None and norm_linear_ok(x):
+            return norm_linear(x, self.layer_norm, weight.to(low).contiguous())
+        return F.linear(layer_norm(self.layer_norm, x), weight)
 
     def _add_output(self, z: Tensor, sl: slice, o: Tensor) -> None:
         """z's chunk += o W_o^T: rows ``sl`` (starting node) or columns ``sl`` (ending node).
@@ -234,7 +247,7 @@ class TriangleAttention(nn.Module):
                                z.is_cuda)
         bias = ChunkWriter(dim=1, size=z.shape[1])
         for sl in row_chunks(z.shape[1], lines):
-            bias.put(sl, self.linear(layer_norm(self.layer_norm, z[:, sl])))
+            bias.put(sl, self._norm_linear(z[:, sl], self.linear.weight))
         bias = cp.transpose_tiles(bias.result(), grid)  # [B,I,J,H] of b -> tile of b^T
         if self.starting:
             bias = cp.all_gather(bias, grid, "col", dim=1)  # [B,K,J,H]: b^T[k, j] = b[j, k]
@@ -242,21 +255,20 @@ class TriangleAttention(nn.Module):
         bias = cp.all_gather(bias, grid, "row", dim=2)  # [B,I,K,H]: b^T[i, k] = b[k, i]
         return bias.permute(0, 3, 1, 2).contiguous()  # [B,I,K,H] -> [B,H,I,K]
 
-    def _attend(self, x: Tensor, mask_bias: Tensor, tri_bias: Tensor, axis: str, first: int,
+    def _attend(self, qkvg: Tensor, mask_bias: Tensor, tri_bias: Tensor, axis: str, first: int,
                 padding: list, kernel: bool, fold_cache: dict | None = None) -> Tensor:
         """One chunk of lines (rows, or transposed columns) attending along themselves across the grid axis.
 
-        x: [B, l, Q, C] normalised; mask_bias: [B, l, K_local] for this rank's keys; tri_bias: [B, H, Q, K_all];
+        qkvg: [B, l, Q, 4 H D] the lines' q, k, v and gate projections (of the normalised rows); mask_bias: [B, l, K_local] for this rank's keys; tri_bias: [B, H, Q, K_all];
         the keys of block ``(first + t) % p`` are here at ring step t; fold_cache: kept across the chunks of one
         attention for the kernel (:func:`~foldcp_hpc.kernels.triangle_attention.fold_key_mask`).
         returns: [B, l, Q, H*D] the gated attention output, before the output projection (:meth:`_add_output`).
         """
-        grid, mha = self.grid, self.mha
-        batch, lines, n_q, _ = x.shape
+        grid = self.grid
+        batch, lines, n_q, _ = qkvg.shape
         heads, width = self.no_heads, self.c_hidden
         n_k = mask_bias.shape[-1]
-        weight = torch.cat([mha.linear_q.weight, mha.linear_k.weight, mha.linear_v.weight, mha.linear_g.weight])
-        q, k, v, g = F.linear(x, weight).split(heads * width, dim=-1)  # 4 x [B,l,Q,H*D]
+        q, k, v, g = qkvg.split(heads * width, dim=-1)  # 4 x [B,l,Q,H*D]
         scale = 1.0 / math.sqrt(width)
         gated = kernel and grid.p == 1  # the kernel sees all keys, so it applies the gate as it stores o
         if kernel:
