@@ -357,7 +357,8 @@ def test_norm_linear_matches_pytorch():
     """LayerNorm and one bfloat16 projection with float32 accumulation in one pass, as autocast computes
     ``Linear(LayerNorm(x))`` (LayerNorm in float32, rounded to bfloat16, products widened): rows read in place
     from an ending node's column chunk (two row dims), output written contiguous, heads-first through strides,
-    and narrower than one output block; bad weights and output strides refused."""
+    and narrower than one output block; float32 weights as PyTorch's float32 Linear; bad weights and output
+    strides refused."""
     from foldcp_hpc.kernels.norm_linear import norm_linear, norm_linear_ok
 
     torch.manual_seed(6)
@@ -382,8 +383,12 @@ def test_norm_linear_matches_pytorch():
         heads_first = torch.empty(1, 4, 9, 11)  # [B,H,I,J] float32, written from rows (i, j)
         norm_linear(z[0], norm, w_narrow, out=heads_first[0].permute(1, 2, 0))
         torch.testing.assert_close(heads_first, reference(z, w_narrow).permute(0, 3, 1, 2), rtol=1e-4, atol=1e-4)
-        with pytest.raises(ValueError, match="bfloat16 or float16"):
-            norm_linear(z, norm, w_wide.float())
+        # float32 weights (the single track, autocast off): IEEE float32 products, nothing rounded
+        single = norm_linear(z, norm, w_narrow.float())
+        assert single.dtype == torch.float32
+        torch.testing.assert_close(single, norm(z) @ w_narrow.float().t(), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
+            norm_linear(z, norm, w_wide.double())
         with pytest.raises(ValueError, match="one row stride"):
             norm_linear(z, norm, w_narrow, out=torch.empty(1, 11, 9, 4).transpose(1, 2))
 

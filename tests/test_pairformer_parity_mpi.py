@@ -280,10 +280,12 @@ def test_triangle_attention_fused_projections(grid, starting, monkeypatch):
     assert errors[0] <= 5e-3 and errors[1] <= 2e-2 and errors[1] <= 1.1 * errors[2], errors
 
 
-def test_single_track_fused_pair_bias(grid, monkeypatch):
-    """Under autocast, the single track's pair bias is made in one kernel pass straight into its heads-first
-    layout (Triton's interpreter on the CPU): equal to the LayerNorm-then-Linear path up to bfloat16 roundings
-    moved by float32 summation order."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_single_track_fused_pair_bias(grid, autocast, monkeypatch):
+    """Without autograd the single track's pair bias is made in one kernel pass straight into its heads-first
+    layout (Triton's interpreter on the CPU): in float32 with autocast off (as Boltz's layer runs it) equal to
+    the LayerNorm-then-Linear path to float32 rounding; under autocast up to bfloat16 roundings moved by float32
+    summation order."""
     import foldcp_hpc.model.attention as single
     from boltz.model.layers.attentionv2 import AttentionPairBias as Ref
 
@@ -297,15 +299,16 @@ def test_single_track_fused_pair_bias(grid, monkeypatch):
     results = {}
     for switch in ("1", "0"):
         monkeypatch.setenv("FOLDCP_TRITON", switch)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             results[switch] = mine._pair_bias(z.float())
     assert calls, "the fused kernel was not used"
     assert results["1"].shape == results["0"].shape == (B, 4, N_FUSED, N_FUSED)
-    assert results["1"].dtype == results["0"].dtype == torch.bfloat16
+    assert results["1"].dtype == results["0"].dtype == (torch.bfloat16 if autocast else torch.float32)
     with float64_reference():
         expected = ref.proj_z(z)
-    assert relative_error(results["1"].double(), results["0"].double()) <= 4e-3  # one bfloat16 unit at most
-    assert relative_error(results["1"].double(), expected) <= 2e-2
+    # autocast: one bfloat16 unit at most; float32: summation order
+    assert relative_error(results["1"].double(), results["0"].double()) <= (4e-3 if autocast else 1e-6)
+    assert relative_error(results["1"].double(), expected) <= (2e-2 if autocast else 1e-6)
 
 
 def test_transition_fused(grid, monkeypatch):

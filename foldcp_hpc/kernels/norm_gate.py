@@ -38,7 +38,7 @@ __all__ = ["norm_gate", "norm_gate_ok"]
 @lazy_kernel
 def _kernel(triton, tl):
     configs = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-               for bm, w, s in ((64, 4, 2), (128, 8, 2), (64, 8, 2), (32, 4, 2), (128, 4, 2))]
+               for bm, w, s in ((64, 4, 2), (128, 8, 2), (64, 8, 2), (32, 4, 2), (128, 4, 2), (64, 4, 1))]
     if os.environ.get("TRITON_INTERPRET") == "1":
         configs = [triton.Config({"BLOCK_M": 16})]
     from .tiles import HELPERS

@@ -7,7 +7,9 @@ output and the GEMM reads it back (at N = 4,096 a triangle attention spent ~14 m
 kernel on them, the single track 20 of its 22 ms on the float32 copies, LayerNorm and heads-first moves of its
 bias). Here each program normalises a block of rows once (statistics in float32, the normalised rows rounded to
 the GEMM's bfloat16 operand, as autocast rounds LayerNorm's float32 output for the Linear) and multiplies them
-with the weight on tensor cores with float32 accumulation, rounding once into ``out``.
+with the weight on tensor cores with float32 accumulation, rounding once into ``out``. With a float32 weight (the
+single track, which Boltz runs with autocast off) nothing is rounded to bfloat16: float32 products to float32's
+accuracy, each as three TF32 tensor-core products (``tf32x3``; Triton's FMA products ran at ~6 TFLOP/s here).
 
 Rows are read through up to two row dims with any strides (:func:`~.layer_norm.row_dims`: the ending node's
 chunk of columns, a transposed view, passes in place), and the output through any row and column strides (the
@@ -47,10 +49,10 @@ def _kernel(triton, tl):
         return kept or [triton.Config({**c.kwargs, "BLOCK_E": widest}, num_warps=c.num_warps,
                                       num_stages=c.num_stages) for c in configs]
 
-    @triton.autotune(configs=configs, key=["n_out", "C"], prune_configs_by={"early_config_prune": prune})
+    @triton.autotune(configs=configs, key=["n_out", "C", "IEEE"], prune_configs_by={"early_config_prune": prune})
     @triton.jit
     def norm_linear_kernel(x_ptr, sx_o, sx_i, sx_c, n_rows, n_inner, nw_ptr, nb_ptr, eps, w_ptr,
-                           o_ptr, so_m, so_e, n_out, C: tl.constexpr, UPCAST: tl.constexpr,
+                           o_ptr, so_m, so_e, n_out, C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
         # row r is x's row (r // n_inner, r % n_inner) of its two row dims (outer, inner); 64-bit offsets
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -60,7 +62,9 @@ def _kernel(triton, tl):
             + cols[None, :].to(tl.int64) * sx_c
         x = normalise(tl.load(x_ptr + offsets, mask=inside[:, None], other=0.0).to(tl.float32),
                       nw_ptr, nb_ptr, eps, C)
-        if UPCAST:  # the interpreter's dot mishandles bfloat16 operands: rounded by hand, kept in float32
+        if IEEE:  # float32 weights: float32 products (tf32x3 below), nothing rounded
+            pass
+        elif UPCAST:  # the interpreter's dot mishandles bfloat16 operands: rounded by hand, kept in float32
             x = round_bf16(x)
         else:
             x = x.to(w_ptr.dtype.element_ty)  # the GEMM's operand dtype, as autocast rounds LayerNorm's output
@@ -68,9 +72,12 @@ def _kernel(triton, tl):
             offs_e = e0 + tl.arange(0, BLOCK_E)
             in_e = offs_e < n_out
             w = tl.load(w_ptr + offs_e[None, :] * C + cols[:, None], mask=in_e[None, :], other=0.0)  # W^T [C, E]
-            if UPCAST:
-                w = w.to(tl.float32)
-            y = tl.dot(x, w)  # [BLOCK_M, BLOCK_E] float32
+            if IEEE:
+                y = tl.dot(x, w, input_precision="tf32x3")  # [BLOCK_M, BLOCK_E] float32 (~IEEE)
+            else:
+                if UPCAST:
+                    w = w.to(tl.float32)
+                y = tl.dot(x, w)
             if UPCAST and o_ptr.dtype.element_ty == tl.bfloat16:  # the interpreter's casts truncate
                 y = round_bf16(y)
             tl.store(o_ptr + rows[:, None] * so_m + offs_e[None, :].to(tl.int64) * so_e,
@@ -93,7 +100,8 @@ def norm_linear(x: Tensor, norm: torch.nn.LayerNorm, weight: Tensor, out: Tensor
 
     x: [..., C] rows with any strides (read in place where the leading dims make at most two row dims, copied
     first otherwise); norm: the LayerNorm (weight and bias); weight: [E, C] in the GEMM's dtype (bfloat16 or
-    float16: the normalised rows are rounded to it; products accumulate in float32); out: [..., E] with x's
+    float16: the normalised rows are rounded to it; products accumulate in float32; or float32: float32 products
+    to float32's accuracy, nothing rounded); out: [..., E] with x's
     leading shape, any strides under which those leading dims flatten to one row stride (for example a
     heads-first ``bias.permute(1, 2, 0)``), or None: a new contiguous tensor in weight's dtype (autocast's output
     dtype). returns out.
@@ -107,8 +115,8 @@ def norm_linear(x: Tensor, norm: torch.nn.LayerNorm, weight: Tensor, out: Tensor
     n_out = weight.shape[0]
     if weight.shape != (n_out, channels) or not weight.is_contiguous():
         raise ValueError(f"weight {tuple(weight.shape)} must be contiguous [E, {channels}]")
-    if weight.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"weight must be bfloat16 or float16 (the GEMM's operand), got {weight.dtype}")
+    if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"weight must be bfloat16, float16 or float32 (the GEMM's operand), got {weight.dtype}")
     if norm.weight is None or norm.bias is None or tuple(norm.normalized_shape) != (channels,):
         raise ValueError(f"norm must be an affine LayerNorm over {channels} channels")
     if out is None:
@@ -132,6 +140,6 @@ def norm_linear(x: Tensor, norm: torch.nn.LayerNorm, weight: Tensor, out: Tensor
         return (-(-n_rows // meta["BLOCK_M"]),)
 
     forward[grid](x, s_outer, s_inner, x.stride(-1), n_rows, n_inner, norm.weight, norm.bias, float(norm.eps),
-                  weight, out, so_m, out.stride(-1), n_out, C=channels,
+                  weight, out, so_m, out.stride(-1), n_out, C=channels, IEEE=weight.dtype == torch.float32,
                   UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
     return out

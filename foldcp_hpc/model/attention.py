@@ -69,19 +69,21 @@ class AttentionPairBias(nn.Module):
         return per_token(lambda s_, o_: self.proj_o(self.proj_g(s_).sigmoid() * o_), grid, s, o)
 
     def _pair_bias(self, z: Tensor) -> Tensor:
-        """proj_z of the tile in float32 as Boltz computes it (``z.float()``), a few rows at a time, so that a
-        low-precision z is never copied whole to float32. z: [B, N_i, N_j, C]; returns [B, H, N_i, N_j].
+        """proj_z of the tile in float32 as Boltz computes it (``z.float()``): without autograd in one kernel
+        pass over z's rows (:func:`~foldcp_hpc.kernels.norm_linear.norm_linear`), otherwise a few rows at a time,
+        so that a low-precision z is never copied whole to float32. z: [B, N_i, N_j, C]; returns [B, H, N_i, N_j].
         A precomputed bias tile (``compute_pair_bias`` False, C = H) is only moved heads-first: a view when it is
         float32, one float32 copy when it is not (the copy Boltz's ``.float()`` makes)."""
         if not self.compute_pair_bias:
             return self.proj_z(at_least_f32(z))  # [B,I,J,H] -> [B,H,I,J]
         norm, linear, heads_first = self.proj_z
-        low = autocast_low_dtype(z)
-        if low is not None and not torch.is_grad_enabled() and norm_linear_ok(z):
-            # one pass: z's rows normalised and projected straight into the heads-first bias, in the dtype
-            # autocast's Linear returns (no float32 copy of z, no normalised rows, no move to heads-first)
-            weight = linear.weight.to(low).contiguous()
-            bias = z.new_empty(z.shape[0], self.num_heads, *z.shape[1:3], dtype=low)  # [B,H,I,J]
+        dtype = autocast_low_dtype(z) or linear.weight.dtype  # the Linear's operands (float32: Boltz's layer)
+        if dtype != torch.float64 and z.dtype != torch.float64 and not torch.is_grad_enabled() \
+                and norm_linear_ok(z):
+            # one pass: z's rows normalised and projected straight into the heads-first bias, in the dtype the
+            # Linear returns (no float32 copy of z, no normalised rows, no move to heads-first)
+            weight = linear.weight.to(dtype).contiguous()
+            bias = z.new_empty(z.shape[0], self.num_heads, *z.shape[1:3], dtype=dtype)  # [B,H,I,J]
             for b in range(z.shape[0]):
                 norm_linear(z[b], norm, weight, out=bias[b].permute(1, 2, 0))  # [H,I,J] -> [I,J,H] view
             return bias
