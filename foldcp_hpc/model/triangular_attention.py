@@ -259,9 +259,9 @@ class TriangleAttention(nn.Module):
                 padding: list, kernel: bool, fold_cache: dict | None = None) -> Tensor:
         """One chunk of lines (rows, or transposed columns) attending along themselves across the grid axis.
 
-        qkvg: [B, l, Q, 4 H D] the lines' q, k, v and gate projections (of the normalised rows); mask_bias: [B, l, K_local] for this rank's keys; tri_bias: [B, H, Q, K_all];
-        the keys of block ``(first + t) % p`` are here at ring step t; fold_cache: kept across the chunks of one
-        attention for the kernel (:func:`~foldcp_hpc.kernels.triangle_attention.fold_key_mask`).
+        qkvg: [B, l, Q, 4 H D] the lines' q, k, v and gate projections (of the normalised rows); mask_bias:
+        [B, l, K_local] for this rank's keys; tri_bias: [B, H, Q, K_all]; the keys of block ``(first + t) % p``
+        are here at ring step t; fold_cache: kept across the chunks of one attention for the kernel (:func:`~foldcp_hpc.kernels.triangle_attention.fold_key_mask`).
         returns: [B, l, Q, H*D] the gated attention output, before the output projection (:meth:`_add_output`).
         """
         grid = self.grid
