@@ -261,7 +261,8 @@ class TriangleAttention(nn.Module):
 
         qkvg: [B, l, Q, 4 H D] the lines' q, k, v and gate projections (of the normalised rows); mask_bias:
         [B, l, K_local] for this rank's keys; tri_bias: [B, H, Q, K_all]; the keys of block ``(first + t) % p``
-        are here at ring step t; fold_cache: kept across the chunks of one attention for the kernel (:func:`~foldcp_hpc.kernels.triangle_attention.fold_key_mask`).
+        are here at ring step t; fold_cache: kept across the chunks of one attention for the kernel
+        (:func:`~foldcp_hpc.kernels.triangle_attention.fold_key_mask`).
         returns: [B, l, Q, H*D] the gated attention output, before the output projection (:meth:`_add_output`).
         """
         grid = self.grid
