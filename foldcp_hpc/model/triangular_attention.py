@@ -187,6 +187,9 @@ class TriangleAttention(nn.Module):
         fold_cache = {}  # the bias with the key mask folded in, made once per key block (see the kernel)
         mha = self.mha
         weight = torch.cat([mha.linear_q.weight, mha.linear_k.weight, mha.linear_v.weight, mha.linear_g.weight])
+        low = autocast_low_dtype(z)
+        if low is not None:  # rounded once, as autocast would round it for every chunk's Linear
+            weight = weight.to(low)
         for sl in row_chunks(n_i if self.starting else n_j, lines):
             if self.starting:
                 x = z[:, sl]  # [B,i,J,C]: row i's queries j and keys k (columns)
