@@ -43,7 +43,7 @@ def main(argv=None) -> None:
             "tri_att_start": lambda: layer.tri_att_start.add_update(z, pair_mask, chunk_size=chunk, n_tokens=n),
             "tri_att_end": lambda: layer.tri_att_end.add_update(z, pair_mask, chunk_size=chunk, n_tokens=n),
             "transition_z": lambda: layer.transition_z.add_update(z),
-            "single track": lambda: single_track(layer, s, z, mask),
+            "single track": lambda: layer.single_track(s, z, mask),
         }
         size = z.numel() * z.element_size() / 2**30
         print(f"{torch.cuda.get_device_name(device)}, N={n}, z {args.dtype} ({size:.2f} GiB)")
@@ -73,14 +73,6 @@ def main(argv=None) -> None:
         for name, seconds, peak in rows:
             print(f"{name:>14} {seconds:8.4f} s {100 * seconds / total:5.1f} %  +{peak:6.2f} GiB")
         print(f"{'total':>14} {total:8.4f} s")
-
-
-def single_track(layer, s: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The layer's single track as its forward runs it: float32 with autocast off (as Boltz's layer)."""
-    with torch.autocast("cuda", enabled=False):
-        s_normed = layer.pre_norm_s(s)
-        s = s + layer.attention(s=s_normed, z=z, mask=mask, k_in=s_normed)
-        return layer.s_post_norm(s + layer.transition_s(s))
 
 
 if __name__ == "__main__":

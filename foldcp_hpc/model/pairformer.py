@@ -123,13 +123,18 @@ class PairformerLayer(nn.Module):
         inplace: z may be overwritten (see :func:`_pair_stack`).
         """
         z = _pair_stack(self, z, pair_mask, chunk_size_tri_attn, mask.shape[1], inplace)
+        return self.single_track(s, z, mask), z
+
+    def single_track(self, s: Tensor, z: Tensor, mask: Tensor) -> Tensor:
+        """The sequence stack after the pair stack, in float32 with autocast off (as Boltz's layer): attention
+        with pair bias from z, transition, post-norm. s: [B, N, C_s] replicated; z: pair tile; mask: [B, N]
+        replicated; returns the new s, replicated."""
         with torch.autocast("cuda", enabled=False):
             s_normed = self.pre_norm_s(at_least_f32(s))
-            # z in its own dtype: the pair bias converts it to float32 a few rows at a time
+            # z in its own dtype: the pair bias reads it in one pass (or converts it a few rows at a time)
             s = at_least_f32(s) + self.attention(s=s_normed, z=z, mask=at_least_f32(mask), k_in=s_normed)
             s = s + self.transition_s(s)
-            s = self.s_post_norm(s)
-        return s, z
+            return self.s_post_norm(s)
 
 
 class PairformerModule(nn.Module):
