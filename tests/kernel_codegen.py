@@ -2,7 +2,7 @@
 
 Run as a script by ``test_kernel_codegen.py`` (in a process of its own: the tests' Triton runs in its CPU
 interpreter, which compiles nothing). Prints one line per case:
-``even=<0|1> gate=<0|1> folded=<0|1> regs=<n> spill=<bytes> C7515=<0|1>``;
+``even=<0|1> gate=<0|1> folded=<0|1> fixed=<0|1> regs=<n> spill=<bytes> C7515=<0|1>``;
 exits with ``UNSUPPORTED`` where this Triton's compile API differs from the one this script was written for
 (3.6 to 3.9).
 """
@@ -18,16 +18,17 @@ import tempfile
 import triton
 
 
-def compile_case(jit, config, even: bool, gate: bool, folded: bool) -> str:
+def compile_case(jit, config, even: bool, gate: bool, folded: bool, fixed: bool, sass: str | None = None) -> str:
     """ptxas's report for one specialisation: bfloat16, head dim 32, the model's strides (all divisible by 16,
-    the bias contiguous along keys, as Triton specialises them at launch); folded: the key mask in the bias."""
+    the bias contiguous along keys, as Triton specialises them at launch); folded: the key mask in the bias;
+    fixed: a fixed shift in place of the running max (with folded). sass: a path to write the machine code to."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
 
     names = jit.arg_names
     const = dict(HEAD_DIM=32, BLOCK_D=32, IEEE=False, SPLIT_P=False, UPCAST=False, GATE=gate, FOLDED=folded,
-                 INDIRECT=False, EVEN_J=even, EVEN_K=even, WHOLE=True, **config.kwargs)
-    pointers = {"mask_ptr": "*fp32", "lse_ptr": "*fp32", "rows_ptr": "*i32", "count_ptr": "*i32"}
+                 FIXED=fixed, INDIRECT=False, EVEN_J=even, EVEN_K=even, WHOLE=True, **config.kwargs)
+    pointers = {"mask_ptr": "*fp32", "lse_ptr": "*fp32", "rows_ptr": "*i32", "count_ptr": "*i32", "shift_ptr": "*fp32"}
     sig, attrs, constexprs = {}, {}, {}
     for i, name in enumerate(names):
         if name in const:
@@ -57,6 +58,11 @@ def compile_case(jit, config, even: bool, gate: bool, folded: bool) -> str:
         done = subprocess.run(args, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"ptxas failed: {done.stderr[-2000:]}")
+        if sass:
+            nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
+            with open(sass, "w") as f:
+                f.write(subprocess.run([nvdisasm, "-c", os.path.join(tmp, "k.cubin")], capture_output=True,
+                                       text=True).stdout)
         return done.stderr
 
 
@@ -70,15 +76,19 @@ def main() -> int:
     autotuned = _build()
     jit = autotuned.fn.fn  # autotune -> heuristics -> the JIT function
     config = autotuned.configs[0]
-    for even, gate, folded in itertools.product((True, False), repeat=3):
+    sass = os.environ.get("FOLDCP_SASS")  # a folder: each case's machine code written there (for reading)
+    for even, gate, folded, fixed in itertools.product((True, False), repeat=4):
+        if fixed and not folded:
+            continue
         try:
-            report = compile_case(jit, config, even, gate, folded)
+            report = compile_case(jit, config, even, gate, folded, fixed,
+                                  sass and os.path.join(sass, f"e{int(even)}g{int(gate)}f{int(folded)}x{int(fixed)}.sass"))
         except (ImportError, TypeError, AttributeError) as err:
             print(f"unsupported: Triton {triton.__version__}: {err!r}", flush=True)
             return UNSUPPORTED
         regs = report.split("Used ")[1].split(" registers")[0]
         spill = report.split(" bytes spill stores")[0].rsplit(" ", 1)[-1]
-        print(f"even={int(even)} gate={int(gate)} folded={int(folded)} regs={regs} spill={spill} "
+        print(f"even={int(even)} gate={int(gate)} folded={int(folded)} fixed={int(fixed)} regs={regs} spill={spill} "
               f"C7515={int('C7515' in report)}", flush=True)
     return 0
 

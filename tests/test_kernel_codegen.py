@@ -27,12 +27,12 @@ def test_flash_kernel_compiles_for_sm90_without_serialised_products():
     if done.returncode == 3:  # kernel_codegen.UNSUPPORTED
         pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stderr[-3000:]
-    cases = {}  # "even=1 gate=0 folded=1" -> {"regs": .., "spill": .., "C7515": ..}
+    cases = {}  # "even=1 gate=0 folded=1 fixed=0" -> {"regs": .., "spill": .., "C7515": ..}
     for line in done.stdout.splitlines():
         if line.startswith("even="):
             words = line.split()
-            cases[" ".join(words[:3])] = dict(word.split("=") for word in words[3:])
-    assert len(cases) == 8, done.stdout
+            cases[" ".join(words[:4])] = dict(word.split("=") for word in words[4:])
+    assert len(cases) == 12, done.stdout
     for case, report in cases.items():
         assert report["C7515"] == "0", f"{case}: ptxas serialised the wgmma products (C7515)"
         if case.startswith("even=1"):

@@ -130,23 +130,24 @@ def test_fold_key_mask_plan():
     tokens[1, 9:] = False  # padding
     mask_bias = _token_mask_bias(tokens)
     bias = torch.randn(2, 3, n, n)
-    folded, own = fold_key_mask(bias, mask_bias, n)
+    folded, own, row_max = fold_key_mask(bias, mask_bias, n)
     common = torch.where(tokens, 0.0, -1e9)  # [B, K]: the keys of the kept rows
     torch.testing.assert_close(folded, bias + common[:, None, None, :], rtol=0, atol=0)
     assert torch.equal(folded[:, :, :, 0], bias[:, :, :, 0])  # kept keys keep their bias exactly (x + 0.0)
     assert own.dtype == torch.int8 and torch.nonzero(own).flatten().tolist() == [5, n + 9, n + 10, n + 11]
+    assert row_max.dtype == torch.float32 and torch.equal(row_max, folded.amax(-1))  # [B, H, J]
     soft = mask_bias.clone()
     soft[:n, 2] = -5.0  # the first entry's key bias is not a mask: all its rows keep their own
     assert fold_key_mask(bias, soft, n)[1].tolist() == [1] * n + own[n:].tolist()
     assert fold_key_mask(bias.half(), mask_bias, n) is None
     # a cache kept across chunks of rows: one fold per bias view, from the first chunk's rows
     cache = {}
-    first, _ = fold_key_mask(bias, mask_bias, n, cache=cache)
+    first, _, _ = fold_key_mask(bias, mask_bias, n, cache=cache)
     other = mask_bias.clone()
     other[:, 0] = -1e9  # later rows with another mask: measured against the first fold, so their own
-    again, own_again = fold_key_mask(bias, other, n, cache=cache)
+    again, own_again, _ = fold_key_mask(bias, other, n, cache=cache)
     assert again is first and len(cache) == 1 and own_again.tolist() == [1] * (2 * n)
-    block, _ = fold_key_mask(bias[..., 1:], mask_bias[:, 1:], n, cache=cache)  # another view: folded anew
+    block, _, _ = fold_key_mask(bias[..., 1:], mask_bias[:, 1:], n, cache=cache)  # another view: folded anew
     assert len(cache) == 2 and torch.equal(block, first[..., 1:])
 
 
@@ -202,6 +203,69 @@ def _attention_reference(q, k, v, bias, mask_bias, scale, rows):
     logits = torch.einsum("rjhd,rkhd->rhjk", q, k) * scale + bias.repeat_interleave(rows, 0) \
         + mask_bias[:, None, None, :]
     return torch.einsum("rhjk,rkhd->rjhd", logits.softmax(-1), v)
+
+
+def _fixed_shift_case(seed: int):
+    """bfloat16 q, k, v of 2 x 40 rows (the fold's many rows), a bias, a common key mask and padding."""
+    torch.manual_seed(seed)
+    batch, rows, n_j, n_k, heads, width = 2, 40, 21, 37, 2, 16
+    q = torch.randn(batch * rows, n_j, heads, width).bfloat16()
+    k, v = (torch.randn(batch * rows, n_k, heads, width).bfloat16() for _ in range(2))
+    bias = (3 * torch.randn(batch, heads, n_j, n_k)).bfloat16()
+    mask_bias = torch.zeros(batch * rows, n_k)
+    mask_bias[:, 3] = -1e9
+    mask_bias[rows:, n_k - 4:] = -1e30
+    return q, k, v, bias, mask_bias, width**-0.5, rows
+
+
+def test_fixed_shift_matches_the_running_max(monkeypatch):
+    """With the mask folded and bfloat16 operands the kernel keeps no running max (each query's bias row max is
+    its shift): the output matches float64 to bfloat16 rounding and the running max's output; lse to the
+    rounding of the summed weights."""
+    from foldcp_hpc.kernels import triangle_attention as ta
+
+    q, k, v, bias, mask_bias, scale, rows = _fixed_shift_case(5)
+    launches = []
+    launch = ta._launch
+    monkeypatch.setattr(ta, "_launch", lambda *a, **kw: launches.append(kw.get("shift") is not None) or launch(*a, **kw))
+    out, lse = ta.flash_triangle_attention(q, k, v, bias, mask_bias, scale, rows)
+    assert launches == [True, False]  # the fixed shift, then the (empty) launch for rows of their own
+    expected = _attention_reference(q, k, v, bias, mask_bias, scale, rows)
+    assert (out.double() - expected).abs().max() < 2e-2
+    logits = torch.einsum("rjhd,rkhd->rhjk", q.double(), k.double()) * scale \
+        + bias.double().repeat_interleave(rows, 0) + mask_bias.double()[:, None, None, :]
+    torch.testing.assert_close(lse.double(), logits.logsumexp(-1), rtol=0, atol=1e-2)
+    monkeypatch.setenv("FOLDCP_SOFTMAX", "online")
+    launches.clear()
+    online, online_lse = ta.flash_triangle_attention(q, k, v, bias, mask_bias, scale, rows)
+    assert launches == [False, False]
+    assert (out.float() - online.float()).abs().max() < 2e-2
+    torch.testing.assert_close(lse, online_lse, rtol=0, atol=1e-2)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+def test_fixed_shift_redoes_the_rows_whose_weights_overflow(monkeypatch):
+    """Rows whose logits exceed the fixed shift by far more than float32's range (q scaled up 400-fold: weights
+    overflow) are marked by a NaN lse and done again with the running max, by the launch that does the rows with a
+    key mask of their own; every other row keeps the fixed shift's result."""
+    from foldcp_hpc.kernels import triangle_attention as ta
+
+    q, k, v, bias, mask_bias, scale, rows = _fixed_shift_case(6)
+    hot = [4, rows + 11]
+    q[hot] = (q[hot].float() * 400).bfloat16()
+    counts = []
+    launch = ta._launch
+
+    def record(*args, **kw):
+        launch(*args, **kw)
+        if kw.get("indirect") is not None:
+            counts.append(int(kw["indirect"][1]))
+
+    monkeypatch.setattr(ta, "_launch", record)
+    out, lse = ta.flash_triangle_attention(q, k, v, bias, mask_bias, scale, rows)
+    assert counts == [len(hot)] and torch.isfinite(lse).all() and torch.isfinite(out.float()).all()
+    expected = _attention_reference(q, k, v, bias, mask_bias, scale, rows)
+    assert (out.double() - expected).abs().max() < 2e-2
 
 
 @pytest.mark.parametrize("width", [24, 48])

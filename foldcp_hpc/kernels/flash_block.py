@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["key_block", "keys_loop", "HELPERS"]
+__all__ = ["key_block", "keys_loop", "key_block_fixed", "keys_loop_fixed", "HELPERS"]
 
 
 @triton.jit
@@ -121,4 +121,66 @@ def keys_loop(acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, offs_n, 
     return acc, run_max, run_sum
 
 
-HELPERS = {"key_block": key_block, "keys_loop": keys_loop}
+@triton.jit
+def key_block_fixed(acc, sums, q, k_base, v_base, b_base, start, offs_n, offs_d, in_j, in_d, sk_k, sv_k, sb_k, n_k,
+                    qk_scale, shift, ones, MASK_D: tl.constexpr, MASK_J: tl.constexpr, MASK_K: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """:func:`key_block` with the key mask in the bias and a fixed shift in place of the running max.
+
+    shift: [BLOCK_M] float32 in log2 units, subtracted from every logit of its query before the exponential
+    (the caller checks afterwards that no weight overflowed and the sum did not vanish); sums: [BLOCK_M, 16]
+    float32, each column the running sum of the weights; ones: [BLOCK_N, 16] ones in q's dtype. No max, no
+    rescaling: per logit one FMA for the scale and bias, one for log2 units and the shift, the exponential and
+    half a conversion. The sum is a tensor-core product of the rounded weights with ones, so the weights that
+    multiply the values are the ones summed. Returns (acc, sums).
+    """
+    offs_k = start + offs_n
+    in_k = offs_k < n_k
+    k = key_rows(k_base, offs_k, sk_k, offs_d, in_k, in_d, MASK_K, MASK_D)
+    if UPCAST:  # the interpreter's dot mishandles bfloat16 operands
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k))
+    b_ptrs = b_base + offs_k[None, :] * sb_k
+    if MASK_K:
+        bias = tl.load(b_ptrs, mask=in_j[:, None] & in_k[None, :], other=float("-inf"))
+    elif MASK_J:
+        bias = tl.load(b_ptrs, mask=in_j[:, None], other=0.0)
+    else:
+        bias = tl.load(b_ptrs)
+    logits = qk * qk_scale + bias.to(tl.float32)  # natural units
+    weights = tl.exp2(logits * 1.4426950408889634 - shift[:, None])
+    v = key_rows(v_base, offs_k, sv_k, offs_d, in_k, in_d, MASK_K, MASK_D)
+    high = weights.to(v.dtype)
+    if UPCAST:  # float32 products of the rounded weights
+        acc = tl.dot(high.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        sums = tl.dot(high.to(tl.float32), ones.to(tl.float32), sums, input_precision="ieee")
+    else:
+        acc = tl.dot(high, v, acc)
+        sums = tl.dot(high, ones, sums)
+    return acc, sums
+
+
+@triton.jit
+def keys_loop_fixed(acc, q, k_base, v_base, b_base, offs_n, offs_d, in_j, in_d, sk_k, sv_k, sb_k, n_k, qk_scale,
+                    shift, MASK_D: tl.constexpr, MASK_J: tl.constexpr, EVEN_K: tl.constexpr, WHOLE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """All of one row's keys through :func:`key_block_fixed`: whole blocks, then the partial one. Returns
+    (acc, run_sum [BLOCK_M])."""
+    n_whole = (n_k if EVEN_K else n_k - n_k % BLOCK_N) if WHOLE else 0
+    ones = tl.full([BLOCK_N, 16], 1.0, q.dtype)  # (16: the narrowest product the compiler takes)
+    sums = tl.zeros([acc.shape[0], 16], tl.float32)
+    if WHOLE:
+        tl.assume(n_whole > 0)  # see keys_loop
+        for start in range(0, n_whole, BLOCK_N):
+            acc, sums = key_block_fixed(
+                acc, sums, q, k_base, v_base, b_base, start, offs_n, offs_d, in_j, in_d, sk_k, sv_k, sb_k, n_k,
+                qk_scale, shift, ones, MASK_D, MASK_J, False, UPCAST)
+    if not EVEN_K:
+        acc, sums = key_block_fixed(
+            acc, sums, q, k_base, v_base, b_base, n_whole, offs_n, offs_d, in_j, in_d, sk_k, sv_k, sb_k, n_k,
+            qk_scale, shift, ones, MASK_D, MASK_J, True, UPCAST)
+    return acc, tl.max(sums, 1)  # 16 equal columns
+
+
+HELPERS = {"key_block": key_block, "keys_loop": keys_loop, "key_block_fixed": key_block_fixed,
+           "keys_loop_fixed": keys_loop_fixed}

@@ -13,6 +13,19 @@ float32 accumulation, as Boltz's kernel path; float32 inputs use IEEE float32 pr
 Returns the normalised output and the log-sum-exp of each query, so that partial results over key blocks
 (one per ring step on a grid) merge exactly (:func:`merge_partial`).
 
+Where the key mask is folded into the bias (:func:`fold_key_mask`) and the operands are bfloat16 or float16, the
+kernel keeps no running max: each query's weights are exp(logit - m) with m fixed beforehand, the largest bias of
+the query's row over its keys. A logit is q . k scaled plus the bias, so logit - m <= q . k scaled, and for the
+model's logits (tens at most) no weight overflows and the sum does not vanish. That saves the max, the rescaling
+of the accumulator and its exponential in every key block (0.154 -> 0.144 s at N = 4,096 on an H100,
+docs/performance.md). The sum is the tensor cores' product of the rounded weights with ones: the weights that
+multiply the values are those summed. The kernel checks each query's sum (within [2^-80, 2^100]); a query outside
+it (a weight may have overflowed, or those that count underflowed) marks its row, which the second launch then
+does again with the running max, as it does the rows with a key mask of their own. What it costs: the largest
+weight of a query is rounded to bfloat16 like every other (with the running max it is exactly 1), so where one
+key dominates a query the output's rounding error is up to twice the running max's; the layer's error is
+unchanged (docs/performance.md). ``FOLDCP_SOFTMAX=online`` keeps the running max everywhere (to compare).
+
 The same kernel serves the single track's attention with pair bias (Boltz's ``AttentionPairBias``: the rows
 are the samples, the bias is shared by a batch entry's samples), whose head widths (24, 48) are not powers of
 two: the head dim is padded to one inside the kernel. Boltz computes that attention in float32; with
@@ -80,18 +93,18 @@ def _build():
 
     globals().update(HELPERS)  # the kernel's callee, found among this module's globals (see .tiles)
 
-    @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE", "SPLIT_P", "FOLDED", "INDIRECT"])
+    @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE", "SPLIT_P", "FOLDED", "INDIRECT", "FIXED"])
     @triton.heuristics({"EVEN_J": lambda a: a["n_j"] % a["BLOCK_M"] == 0,
                         "EVEN_K": lambda a: a["n_k"] % a["BLOCK_N"] == 0,
                         "WHOLE": lambda a: a["n_k"] >= a["BLOCK_N"]})
     @triton.jit
-    def forward(q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, lse_ptr, g_ptr, rows_ptr, count_ptr,
+    def forward(q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, lse_ptr, g_ptr, rows_ptr, count_ptr, shift_ptr,
                 sq_r, sq_j, sq_h, sk_r, sk_k, sk_h, sv_r, sv_k, sv_h, sg_r, sg_j, sg_h,
-                sb_b, sb_h, sb_j, sb_k, sm_r, so_r, so_j, so_h, sl_r, sl_h,
+                sb_b, sb_h, sb_j, sb_k, sm_r, so_r, so_j, so_h, sl_r, sl_h, ss_b, ss_h,
                 n_rows, rows_per_batch, rows_per_group, n_j, n_k, scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
                 UPCAST: tl.constexpr, GATE: tl.constexpr, FOLDED: tl.constexpr, INDIRECT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                FIXED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 EVEN_J: tl.constexpr, EVEN_K: tl.constexpr, WHOLE: tl.constexpr):
         # Programs in groups of rows: consecutive programs take the group's rows for one query block, then the
         # next query block, so the group's keys and values and the bias block in use are read from L2.
@@ -126,13 +139,21 @@ def _build():
         run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # FOLDED: the key mask is in the bias and the logits are in natural units (see flash_block.key_block)
-        acc, run_max, run_sum = keys_loop(
-            acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, offs_n, offs_d, in_j, in_d, sk_k, sv_k, sb_k,
-            n_k, scale if FOLDED else scale * 1.4426950408889634, HEAD_DIM < BLOCK_D, not EVEN_J, EVEN_K, WHOLE,
-            BLOCK_N, IEEE, SPLIT_P, UPCAST, FOLDED)
-        if FOLDED:
-            run_max = run_max * 1.4426950408889634  # natural units -> log2 units
+        if FIXED:  # (with FOLDED) each query's bias row max as a fixed shift, no running max (module docstring)
+            shift = tl.load(shift_ptr + batch * ss_b + head * ss_h + offs_j, mask=in_j, other=0.0) \
+                * 1.4426950408889634  # natural units -> log2 units
+            acc, run_sum = keys_loop_fixed(
+                acc, q, k_base, v_base, b_base, offs_n, offs_d, in_j, in_d, sk_k, sv_k, sb_k, n_k, scale, shift,
+                HEAD_DIM < BLOCK_D, not EVEN_J, EVEN_K, WHOLE, BLOCK_N, UPCAST)
+            run_max = shift
+        else:
+            # FOLDED: the key mask is in the bias and the logits are in natural units (see flash_block.key_block)
+            acc, run_max, run_sum = keys_loop(
+                acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, offs_n, offs_d, in_j, in_d, sk_k, sv_k,
+                sb_k, n_k, scale if FOLDED else scale * 1.4426950408889634, HEAD_DIM < BLOCK_D, not EVEN_J, EVEN_K,
+                WHOLE, BLOCK_N, IEEE, SPLIT_P, UPCAST, FOLDED)
+            if FOLDED:
+                run_max = run_max * 1.4426950408889634  # natural units -> log2 units
 
         empty = run_sum == 0.0
         norm = tl.where(empty, 1.0, run_sum)
@@ -145,6 +166,10 @@ def _build():
                  out.to(out_ptr.dtype.element_ty), mask=in_j[:, None] & in_d[None, :])
         safe_max = tl.where(run_max == float("-inf"), 0.0, run_max)
         lse = tl.where(empty, float("-inf"), (safe_max + tl.log2(norm)) * 0.6931471805599453)
+        if FIXED:  # a sum outside [2^-80, 2^100] (or NaN): a weight may have overflowed, or those that count
+            # underflowed; lse NaN marks the query, and the caller has its row done again with the running max
+            fits = (run_sum >= 8.271806125530277e-25) & (run_sum <= 1.2676506002282294e30)
+            lse = tl.where(fits, lse, float("nan"))
         tl.store(lse_ptr + row * sl_r + head * sl_h + offs_j, lse, mask=in_j)
 
     return forward
@@ -158,8 +183,9 @@ FOLD_MIN_ROWS = 32
 
 
 def fold_key_mask(bias: Tensor, mask_bias: Tensor, rows_per_batch: int,
-                  cache: dict | None = None) -> tuple[Tensor, Tensor] | None:
-    """The key mask put into a copy of the triangle bias: (folded bias [B, H, J, K], own [R] int8), or None.
+                  cache: dict | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The key mask put into a copy of the triangle bias: (folded bias [B, H, J, K], own [R] int8, row max
+    [B, H, J] float32 of the folded bias over its keys), or None.
 
     bias: [B, H, J, K]; mask_bias: [R, K] float32 (R = B x rows_per_batch). A batch entry's common key mask is
     the largest bias of each key over its rows (the keys any row sees). Where every common value is 0 or masked
@@ -181,12 +207,12 @@ def fold_key_mask(bias: Tensor, mask_bias: Tensor, rows_per_batch: int,
         common = per_batch.amax(1)  # [B, K]
         exact = ((common == 0) | (common <= MASKED)).all(-1)  # [B]
         folded = bias + common.to(bias.dtype)[:, None, None, :]  # [B,H,J,K] + [B,1,1,K]
-        hit = (common, exact, folded)
+        hit = (common, exact, folded, folded.amax(-1).float())
         if cache is not None:
             cache[key] = hit
-    common, exact, folded = hit
+    common, exact, folded, row_max = hit
     own = (per_batch != common[:, None, :]).any(-1) | ~exact[:, None]  # [B, rows]
-    return folded, own.flatten().to(torch.int8)
+    return folded, own.flatten().to(torch.int8), row_max
 
 
 def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask_bias: Tensor, scale: float,
@@ -240,8 +266,12 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
     if fold is None:
         _launch(forward, bias, *shared)
         return out, lse
-    folded, own = fold
-    _launch(forward, folded, *shared, folded=True)  # every row (those with their own mask are redone below)
+    folded, own, row_max = fold
+    fixed = os.environ.get("FOLDCP_SOFTMAX", "fixed") != "online" and q.dtype != torch.float32 \
+        and not exact_weights
+    _launch(forward, folded, *shared, folded=True, shift=row_max if fixed else None)  # every row (those with their own mask are redone below)
+    if fixed:  # and the rows with a query whose fixed shift did not fit (lse NaN)
+        own = own | torch.isnan(lse).flatten(1).any(1).to(torch.int8)
     # the rows with a key mask of their own, found on the device: no wait for it here
     rows = torch.argsort(own, descending=True, stable=True).to(torch.int32)  # own rows first
     _launch(forward, bias, *shared, indirect=(rows, own.sum(dtype=torch.int32).reshape(1)))
@@ -250,10 +280,12 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
 
 def _launch(forward, bias: Tensor, q: Tensor, k: Tensor, v: Tensor, mask_bias: Tensor, gate: Tensor | None,
             out: Tensor, lse: Tensor, scale: float, rows_per_batch: int, exact_weights: bool, *,
-            folded: bool = False, indirect: tuple[Tensor, Tensor] | None = None) -> None:
+            folded: bool = False, indirect: tuple[Tensor, Tensor] | None = None,
+            shift: Tensor | None = None) -> None:
     """One kernel launch into out and lse (arguments as :func:`flash_triangle_attention`'s; mask_bias in log2
     units). folded: bias has the key mask in it and mask_bias is not read; indirect: (order [R] int32, count [1]
-    int32) on the device: only rows order[:count] are done."""
+    int32) on the device: only rows order[:count] are done; shift: [B, H, J] float32 (with folded), each
+    query's fixed shift in place of the running max (the bias's row max)."""
     n_rows, n_j, heads, width = q.shape
     n_k = k.shape[1]
     g = q if gate is None else gate  # the kernel reads g only with a gate
@@ -263,20 +295,22 @@ def _launch(forward, bias: Tensor, q: Tensor, k: Tensor, v: Tensor, mask_bias: T
     row_bytes = 2 * n_k * width * k.element_size()
     rows_per_group = max(1, min(n_rows, 16, (16 << 20) // row_bytes))
     rows, count = indirect if indirect is not None else (lse, lse)  # (any tensors where there is none)
+    shifts = shift if shift is not None else lse
 
     def grid(meta):
         return (n_rows * -(-n_j // meta["BLOCK_M"]), heads)
 
-    forward[grid](q, k, v, bias, mask_bias, out, lse, g, rows, count,
+    forward[grid](q, k, v, bias, mask_bias, out, lse, g, rows, count, shifts,
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
                   bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3), mask_bias.stride(0),
-                  out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+                  out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), shifts.stride(0),
+                  shifts.stride(1),
                   n_rows, rows_per_batch, rows_per_group, n_j, n_k, float(scale),
                   HEAD_DIM=width, BLOCK_D=max(16, 1 << (width - 1).bit_length()), IEEE=q.dtype == torch.float32,
                   SPLIT_P=exact_weights and q.dtype != torch.float32,
                   UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32,
-                  GATE=gate is not None, FOLDED=folded, INDIRECT=indirect is not None)
+                  GATE=gate is not None, FOLDED=folded, INDIRECT=indirect is not None, FIXED=shift is not None)
 
 
 def merge_partial(state: tuple[Tensor, Tensor] | None, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
