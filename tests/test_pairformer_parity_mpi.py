@@ -280,6 +280,57 @@ def test_triangle_attention_fused_projections(grid, starting, monkeypatch):
     assert errors[0] <= 5e-3 and errors[1] <= 2e-2 and errors[1] <= 1.1 * errors[2], errors
 
 
+@pytest.mark.parametrize("starting", [True, False])
+def test_triangle_attention_output_accumulates_in_float32(grid, starting, monkeypatch):
+    """float32 z under bfloat16 autocast: the output projection's GEMM takes bfloat16 operands and adds its float32
+    product into z's storage (``baddbmm(out_dtype=float32)``, CUDA only: emulated here with its documented
+    semantics, so what is checked is the routing and the writes through z's row or column views). It equals the
+    path that makes the bfloat16 update and adds it, up to that update's rounding, and boltz's module in float64
+    to bfloat16 rounding."""
+    import foldcp_hpc.model.triangular_attention as tri_att
+    from boltz.model.layers.triangular_attention import attention as boltz_attention
+
+    if grid.p > 1:  # the projection is tile-local
+        pytest.skip("the output projection is checked on one rank")
+    monkeypatch.setenv("FOLDCP_TRITON", "0")
+    name = "TriangleAttentionStartingNode" if starting else "TriangleAttentionEndingNode"
+    dim, n = 16, N_FUSED
+    ref, mine = build(getattr(boltz_attention, name), getattr(ours, name), (dim, 16, 2), {"inf": 1e9}, grid,
+                      seed=14 + starting)
+    z = shared_randn(B, n, n, dim, seed=140)
+    mask = token_mask(B, n, 141)
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    with float64_reference(), torch.no_grad():
+        expected = z + ref(z, mask=pair_mask, chunk_size=4)
+    mine = mine.float()
+    real = torch.baddbmm
+    calls = []
+
+    def baddbmm(input, batch1, batch2, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real(input, batch1, batch2, out=out)
+        calls.append((batch1.dtype, batch2.dtype, out_dtype, out.data_ptr() == input.data_ptr()))
+        return out.copy_(input + torch.bmm(batch1.float(), batch2.float()))  # float32 product, one rounding
+
+    monkeypatch.setattr(torch, "baddbmm", baddbmm)
+    results = {}
+    for widen in (True, False):
+        monkeypatch.setattr(tri_att, "accumulates_in_float32", lambda z, low, o, widen=widen: widen and
+                            z.dtype == torch.float32 and low == torch.bfloat16)
+        tile = z.float().contiguous()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            results[widen] = mine.add_update(tile, pair_mask.float(), chunk_size=4, n_tokens=n)
+        assert results[widen].data_ptr() == tile.data_ptr()
+    assert calls and set(calls) == {(torch.bfloat16, torch.bfloat16, torch.float32, True)}, calls[:3]
+    keep = pair_mask[..., None]
+    update, unwidened = ((results[widen].double() - z) * keep for widen in (True, False))
+    boltz_update = (expected - z) * keep
+    errors = (relative_error(update, unwidened), relative_error(update, boltz_update),
+              relative_error(unwidened, boltz_update))
+    # the two differ by the bfloat16 rounding of the update (~2e-3), both ~1e-2 from float64
+    assert 0 < errors[0] <= 5e-3 and errors[1] <= 1.05 * errors[2] and errors[2] <= 2e-2, errors
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_single_track_fused_pair_bias(grid, autocast, monkeypatch):
     """Without autograd the single track's pair bias is made in one kernel pass straight into its heads-first

@@ -39,6 +39,13 @@ if TYPE_CHECKING:
     from ..distributed.grid import ProcessGrid
 
 
+def accumulates_in_float32(z: Tensor, low: torch.dtype | None, o: Tensor) -> bool:
+    """Whether the output projection takes operands in the autocast dtype ``low`` and accumulates into float32 z
+    in one GEMM (``torch.baddbmm(..., out_dtype=torch.float32)``, which PyTorch has on CUDA only)."""
+    return z.is_cuda and z.dtype == torch.float32 and low in (torch.bfloat16, torch.float16) \
+        and o.dtype in (low, torch.float32)
+
+
 class _Attention(nn.Module):
     """The gated multi-head attention weights of Boltz's ``primitives.Attention`` (same parameter names)."""
 
@@ -217,27 +224,37 @@ class TriangleAttention(nn.Module):
         z: [B, N_i, N_j, C] pair tile; o: [B, l, Q, H*D] the chunk's gated attention output (l lines of Q).
         Where z, o and the weight (as autocast would round it) share a dtype, one batched GEMM per batch entry
         adds the product into z's storage (beta = 1: no update tensor, no separate add; the ending node's
-        columns are a strided batch, one column per matrix). Otherwise the update is made and added.
+        columns are a strided batch, one column per matrix). On CUDA with z in float32 under a bfloat16 or
+        float16 autocast, the same GEMM takes the operands in the autocast dtype and accumulates into float32 z
+        (``out_dtype``): Boltz's update is rounded to the autocast dtype before it is added, this one is not
+        (at N = 4,096 on an H100, 9.6 and 10.0 ms against 11.8 and 13.8 ms for the product and the add).
+        Otherwise the update is made and added.
         """
         linear = self.mha.linear_o
         low = torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type) else None
         weight_dtype = low if low is not None else linear.weight.dtype
-        if not (z.dtype == weight_dtype and o.dtype in (z.dtype, torch.float32)):
+        widen = accumulates_in_float32(z, low, o)
+        if not widen and not (z.dtype == weight_dtype and o.dtype in (z.dtype, torch.float32)):
             update = linear(o)
             if self.starting:
                 z[:, sl] += update
             else:
                 z[:, :, sl] += update.transpose(1, 2)  # [B,j,I,C] -> [B,I,j,C]
             return
-        weight_t = linear.weight.to(z.dtype).t()  # [C_out, HD] -> [HD, C_out]
-        o = o.to(z.dtype)
+        operands = low if widen else z.dtype
+        weight_t = linear.weight.to(operands).t()  # [C_out, HD] -> [HD, C_out]
+        o = o.to(operands)
         with torch.autocast(z.device.type, enabled=False):
             for b in range(z.shape[0]):
                 if self.starting:
                     target = z[b, sl]  # [i, J, C], rows contiguous
                 else:
                     target = z[b, :, sl].transpose(0, 1)  # [I, j, C] -> [j, I, C]: matrix j's rows stride N_j*C
-                target.baddbmm_(o[b], weight_t.expand(o.shape[1], -1, -1))
+                if widen:
+                    torch.baddbmm(target, o[b], weight_t.expand(o.shape[1], -1, -1), out_dtype=torch.float32,
+                                  out=target)
+                else:
+                    target.baddbmm_(o[b], weight_t.expand(o.shape[1], -1, -1))
 
     def _bias_for_chunks(self, z: Tensor) -> Tensor:
         """The triangle bias for :meth:`add_update`: [B, H, Q, K_all] with queries Q of this rank's chunks.
