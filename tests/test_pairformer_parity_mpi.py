@@ -240,6 +240,23 @@ def test_transition_on_tiles(grid):
     run_pair_layer(grid, ref, mine, lambda m, z, pm: m(z), lambda m, z, pm: m(z), seed=50)
 
 
+def _triangle_attention_case(grid, starting: bool, seed: int):
+    """boltz's triangle attention and ours (float32) with the same weights, z [B, N_FUSED, N_FUSED, 16], a pair
+    mask with masked tokens, and z + boltz's module in float64: (ours, z, pair_mask, expected)."""
+    from boltz.model.layers.triangular_attention import attention as boltz_attention
+
+    name = "TriangleAttentionStartingNode" if starting else "TriangleAttentionEndingNode"
+    dim, n = 16, N_FUSED
+    ref, mine = build(getattr(boltz_attention, name), getattr(ours, name), (dim, 16, 2), {"inf": 1e9}, grid,
+                      seed=seed + starting)
+    z = shared_randn(B, n, n, dim, seed=10 * seed)
+    mask = token_mask(B, n, 10 * seed + 1)
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    with float64_reference(), torch.no_grad():
+        expected = z + ref(z, mask=pair_mask, chunk_size=4)
+    return mine.float(), z, pair_mask, expected
+
+
 @pytest.mark.parametrize("starting", [True, False])
 def test_triangle_attention_fused_projections(grid, starting, monkeypatch):
     """Under autocast, ``add_update`` normalises and projects each chunk's rows (q, k, v, gate) and the triangle
@@ -247,22 +264,13 @@ def test_triangle_attention_fused_projections(grid, starting, monkeypatch):
     equal to the LayerNorm-then-Linear path into the same flash kernel up to bfloat16 roundings moved by float32
     summation order, and within bfloat16 rounding of boltz's module in float64."""
     import foldcp_hpc.model.triangular_attention as tri_att
-    from boltz.model.layers.triangular_attention import attention as boltz_attention
 
     pytest.importorskip("triton")
     if grid.p > 1:  # the projections are tile-local; the ring of keys is covered by the tests above
         pytest.skip("the fused kernels in Triton's interpreter run on one rank")
     monkeypatch.setenv("FOLDCP_TRITON", "1")  # conftest chose Triton's interpreter
-    name = "TriangleAttentionStartingNode" if starting else "TriangleAttentionEndingNode"
-    dim, n = 16, N_FUSED
-    ref, mine = build(getattr(boltz_attention, name), getattr(ours, name), (dim, 16, 2), {"inf": 1e9}, grid,
-                      seed=12 + starting)
-    z = shared_randn(B, n, n, dim, seed=120)
-    mask = token_mask(B, n, 121)
-    pair_mask = mask[:, :, None] * mask[:, None, :]
-    with float64_reference(), torch.no_grad():
-        expected = z + ref(z, mask=pair_mask, chunk_size=4)
-    mine = mine.float()
+    n = N_FUSED
+    mine, z, pair_mask, expected = _triangle_attention_case(grid, starting, seed=12)
     calls = counted(monkeypatch, tri_att, "norm_linear")
     results = {}
     for fused in (True, False):
@@ -288,21 +296,12 @@ def test_triangle_attention_output_accumulates_in_float32(grid, starting, monkey
     path that makes the bfloat16 update and adds it, up to that update's rounding, and boltz's module in float64
     to bfloat16 rounding."""
     import foldcp_hpc.model.triangular_attention as tri_att
-    from boltz.model.layers.triangular_attention import attention as boltz_attention
 
     if grid.p > 1:  # the projection is tile-local
         pytest.skip("the output projection is checked on one rank")
     monkeypatch.setenv("FOLDCP_TRITON", "0")
-    name = "TriangleAttentionStartingNode" if starting else "TriangleAttentionEndingNode"
-    dim, n = 16, N_FUSED
-    ref, mine = build(getattr(boltz_attention, name), getattr(ours, name), (dim, 16, 2), {"inf": 1e9}, grid,
-                      seed=14 + starting)
-    z = shared_randn(B, n, n, dim, seed=140)
-    mask = token_mask(B, n, 141)
-    pair_mask = mask[:, :, None] * mask[:, None, :]
-    with float64_reference(), torch.no_grad():
-        expected = z + ref(z, mask=pair_mask, chunk_size=4)
-    mine = mine.float()
+    n = N_FUSED
+    mine, z, pair_mask, expected = _triangle_attention_case(grid, starting, seed=14)
     real = torch.baddbmm
     calls = []
 
