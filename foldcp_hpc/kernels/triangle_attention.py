@@ -17,7 +17,7 @@ Where the key mask is folded into the bias (:func:`fold_key_mask`) and the opera
 kernel keeps no running max: each query's weights are exp(logit - m) with m fixed beforehand, the largest bias of
 the query's row over its keys. A logit is q . k scaled plus the bias, so logit - m <= q . k scaled, and for the
 model's logits (tens at most) no weight overflows and the sum does not vanish. That saves the max, the rescaling
-of the accumulator and its exponential in every key block (0.154 -> 0.144 s at N = 4,096 on an H100,
+of the accumulator and its exponential in every key block (0.153 -> 0.149 s at N = 4,096 on an H100,
 docs/performance.md). The sum is the tensor cores' product of the rounded weights with ones: the weights that
 multiply the values are those summed. The kernel checks each query's sum (within [2^-80, 2^100]); a query outside
 it (a weight may have overflowed, or those that count underflowed) marks its row, which the second launch then
