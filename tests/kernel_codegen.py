@@ -81,8 +81,8 @@ def main() -> int:
         if fixed and not folded:
             continue
         try:
-            report = compile_case(jit, config, even, gate, folded, fixed,
-                                  sass and os.path.join(sass, f"e{int(even)}g{int(gate)}f{int(folded)}x{int(fixed)}.sass"))
+            name = f"e{int(even)}g{int(gate)}f{int(folded)}x{int(fixed)}.sass"
+            report = compile_case(jit, config, even, gate, folded, fixed, sass and os.path.join(sass, name))
         except (ImportError, TypeError, AttributeError) as err:
             print(f"unsupported: Triton {triton.__version__}: {err!r}", flush=True)
             return UNSUPPORTED

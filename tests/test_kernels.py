@@ -227,7 +227,8 @@ def test_fixed_shift_matches_the_running_max(monkeypatch):
     q, k, v, bias, mask_bias, scale, rows = _fixed_shift_case(5)
     launches = []
     launch = ta._launch
-    monkeypatch.setattr(ta, "_launch", lambda *a, **kw: launches.append(kw.get("shift") is not None) or launch(*a, **kw))
+    monkeypatch.setattr(ta, "_launch",
+                        lambda *a, **kw: launches.append(kw.get("shift") is not None) or launch(*a, **kw))
     out, lse = ta.flash_triangle_attention(q, k, v, bias, mask_bias, scale, rows)
     assert launches == [True, False]  # the fixed shift, then the (empty) launch for rows of their own
     expected = _attention_reference(q, k, v, bias, mask_bias, scale, rows)

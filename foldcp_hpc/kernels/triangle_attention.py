@@ -269,7 +269,8 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
     folded, own, row_max = fold
     fixed = os.environ.get("FOLDCP_SOFTMAX", "fixed") != "online" and q.dtype != torch.float32 \
         and not exact_weights
-    _launch(forward, folded, *shared, folded=True, shift=row_max if fixed else None)  # every row (those with their own mask are redone below)
+    # every row (those with their own mask are redone below)
+    _launch(forward, folded, *shared, folded=True, shift=row_max if fixed else None)
     if fixed:  # and the rows with a query whose fixed shift did not fit (lse NaN)
         own = own | torch.isnan(lse).flatten(1).any(1).to(torch.int8)
     # the rows with a key mask of their own, found on the device: no wait for it here
