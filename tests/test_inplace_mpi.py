@@ -176,9 +176,10 @@ def test_float32_contraction_under_autocast(grid, monkeypatch):
 @pytest.mark.parametrize("direction", ["outgoing", "incoming"])
 def test_add_update_under_autocast_rings_bfloat16_operands(grid, monkeypatch, direction):
     """float32 z under bfloat16 autocast (Boltz's bf16-mixed), in place: a and b stay bfloat16 (they hold
-    bfloat16 values already) and travel the Cannon ring so, and the product accumulates in float32. That is
-    Boltz's float32 einsum of the same values, summed in another order: the update equals boltz's module under
-    autocast on the whole tensor up to roundings of its bfloat16 output projection."""
+    bfloat16 values already) and travel the Cannon ring so, and the product accumulates in float32 (across the
+    ring's steps too) and is stored rounded once to bfloat16. That is Boltz's float32 einsum of the same values,
+    summed in another order and rounded once: the update equals boltz's module under autocast on the whole
+    tensor up to that rounding and the roundings of its bfloat16 output projection."""
     from boltz.model.layers import triangular_mult as boltz_triangular_mult
 
     name, _, _ = TRIANGLE_MULTIPLICATIONS[direction]
@@ -192,9 +193,9 @@ def test_add_update_under_autocast_rings_bfloat16_operands(grid, monkeypatch, di
     operands = []
     contract = type(mine)._contract
 
-    def recording(self, a, b, out=None):
-        operands.append((a.dtype, b.dtype, None if out is None else out.dtype))
-        return contract(self, a, b, out=out)
+    def recording(self, a, b, out=None, sum_dtype=None):
+        operands.append((a.dtype, b.dtype, None if out is None else out.dtype, sum_dtype))
+        return contract(self, a, b, out=out, sum_dtype=sum_dtype)
 
     monkeypatch.setattr(type(mine), "_contract", recording)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -207,7 +208,7 @@ def test_add_update_under_autocast_rings_bfloat16_operands(grid, monkeypatch, di
     # both round the same float32 sums to bfloat16 in their projections (one bfloat16 ulp is 3.9e-3 relative),
     # from sums taken in another order: measured 3.4e-3 / 2.9e-3 at 4 ranks
     assert everywhere(grid, error < 8e-3), f"rank {grid.rank}: update error {error:.2e} against boltz under autocast"
-    wanted = {(torch.bfloat16, torch.bfloat16, torch.float32)}
+    wanted = {(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32)}
     assert everywhere(grid, operands and set(operands) == wanted), f"rank {grid.rank}: {set(operands)}"
 
 

@@ -173,9 +173,10 @@ def _print_stage(rows: list[dict], args: argparse.Namespace, stage: str) -> None
     print(f"{what}: N={args.n}, C_s={args.c_s}, C_z={args.c_z}, {args.dtype}, "
           f"{args.device}, device of rank 0: {rows[0]['device_name']}")
     layer = args.command.startswith("pairformer")
+    totals = any(any(p is not None for p in r.get("device_peak_bytes") or ()) for r in rows)
     header = (f"{'impl':<11} {'ranks':>5} {'grid':>5} {'peak/rank MiB min':>17} {'median':>8} {'max':>8} "
               f"{'peak vs p=1':>11} {'time s':>8}{' TFLOP/s' if layer else ''} {'time vs boltz':>13} "
-              f"{'comm share':>10}")
+              f"{'comm share':>10}{' device GiB' if totals else ''}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -186,8 +187,13 @@ def _print_stage(rows: list[dict], args: argparse.Namespace, stage: str) -> None
         # one layer: 12 C_z N^3 FLOP (two triangle products, 4 C_z N^3 together; two triangle attentions with
         # H x D = C_z, 8 C_z N^3): 1,536 N^3 at C_z = 128, the GPU issue's count; summed over all ranks
         flops = f" {12 * args.c_z * args.n ** 3 / r['seconds'] / 1e12:>7.1f}" if layer else ""
+        held = [p for p in r.get("device_peak_bytes") or () if p is not None]
+        device = (f" {max(held) / 2**30:>10.2f}" if held else f" {'-':>10}") if totals else ""
         print(f"{r['impl']:<11} {r['ranks']:>5} {r['grid']:>5} {min(peaks):>17.1f} {statistics.median(peaks):>8.1f} "
-              f"{max(peaks):>8.1f} {ratio:>11} {r['seconds']:>8.3f}{flops} {vs_boltz:>13} {share:>10}")
+              f"{max(peaks):>8.1f} {ratio:>11} {r['seconds']:>8.3f}{flops} {vs_boltz:>13} {share:>10}{device}")
+    if totals:
+        print("peak/rank: the bytes the call held above what was live before it; device GiB: the most allocated on "
+              "the GPU during the measured runs (z, s, masks and weights included; the largest rank)")
     if any(r.get("clocked_seconds") for r in rows):
         print("comm share: seconds in collectives / total, in one extra run with every collective synchronised "
               "(so without overlap), slowest rank")

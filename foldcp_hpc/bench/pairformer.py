@@ -68,9 +68,11 @@ def run_worker(args: argparse.Namespace) -> None:
             _, peak, seconds = profile(ours, device, args.repeats)
         seconds = grid.comm.allreduce(seconds, op=_max())
         peaks = grid.comm.gather(peak, root=0)
+        totals = grid.comm.gather(_device_peak(device), root=0)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         rows.append({"impl": "foldcp_hpc", "ranks": grid.world_size, "grid": f"{grid.p}x{grid.p}", "n": args.n,
-                     "peak_bytes": peaks, "seconds": seconds, "device_name": name, "dtype": args.dtype,
+                     "peak_bytes": peaks, "device_peak_bytes": totals, "seconds": seconds, "device_name": name,
+                     "dtype": args.dtype,
                      **({} if args.quick else comm_breakdown(grid, ours))})
         if grid.world_size == 1 and not args.no_boltz:
             rows.extend(_boltz_rows(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name))
@@ -135,9 +137,17 @@ def _boltz_rows(args, layer, s, z, mask, pair_mask, chunk, device, dtype, name) 
             torch.cuda.empty_cache()
             print(f"{impl}: out of memory at N={args.n}", flush=True)
             continue
-        rows.append({"impl": impl, "ranks": 1, "grid": "-", "n": args.n, "peak_bytes": [peak], "seconds": seconds,
-                     "device_name": name, "dtype": args.dtype})
+        rows.append({"impl": impl, "ranks": 1, "grid": "-", "n": args.n, "peak_bytes": [peak],
+                     "device_peak_bytes": [_device_peak(device)], "seconds": seconds, "device_name": name,
+                     "dtype": args.dtype})
     return rows
+
+
+def _device_peak(device) -> int | None:
+    """The most bytes allocated on a GPU since the measured run began (:func:`~.memory.measure` resets the
+    count): the layer's transient plus everything live around it (z, s, the masks, the weights, and in boltz's
+    rows our layer's tensors too). None on the CPU."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def _max():

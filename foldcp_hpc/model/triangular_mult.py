@@ -7,7 +7,12 @@ index runs along the wrong axis.
 Precision: like Boltz, the contraction of a float32 tile runs in float32 with autocast off (float64 stays
 float64, for the parity tests). A tile stored in bfloat16 or float16 contracts in its own dtype: a and b stay
 in that dtype and the GEMM (which accumulates in float32 inside) writes the product in it, halving the
-product's memory and running at the low-precision GEMM rate.
+product's memory and running at the low-precision GEMM rate. In inference under autocast
+(:meth:`~_TriangleMultiplication.add_update`) a float32 tile's a and b are bfloat16 values already, and the
+product, summed in float32, is stored rounded once to bfloat16 for the output's LayerNorm: [D, N, N] in bfloat16
+is half a float32 tile, so the layer's peak is z and about 3/4 of a tile instead of z and 5/4 (18 -> 14 GiB at
+N = 4,096 on one GPU), for a layer error of 3.69e-3 instead of 3.60e-3 (cuEquivariance's: 4.43e-3;
+docs/performance.md).
 
 Memory: the channels are contracted in ``CHANNEL_GROUPS`` groups (each group's a and b are projected,
 gated, masked and sent round the ring on their own), and the output gating runs in row chunks, so besides
@@ -101,7 +106,8 @@ class _TriangleMultiplication(nn.Module):
         returns: z, now holding z + update.
 
         Raises ValueError when autograd is on and z or a parameter requires grad (no graph could be kept).
-        Memory besides z: the product [D, B, N_i, N_j] in :func:`contraction_dtype` (one tile for bfloat16 z),
+        Memory besides z: the product [D, B, N_i, N_j] in :func:`contraction_dtype`, or in autocast's dtype for a
+        float32 z under autocast (one bfloat16 tile either way; see the module docstring),
         one channel group's a and b (2 / ``INPLACE_CHANNEL_GROUPS`` of a tile) and the row chunks' projections
         (a 1 / ``INPLACE_ROW_FRACTION`` of the rows at a time). ``norm_in`` runs once per group and row chunk
         and all four projections of a group (a, b and their gates) are one GEMM. On one rank the product GEMM
@@ -123,7 +129,8 @@ class _TriangleMultiplication(nn.Module):
         # another order.
         low = autocast_low_dtype(z)
         operand = low if dtype == torch.float32 and low is not None else dtype
-        product = z.new_empty((dim, *z.shape[:3]), dtype=dtype)
+        # the product summed in `dtype` (float32 for a float32 z), stored in the operands' dtype
+        product = z.new_empty((dim, *z.shape[:3]), dtype=operand)
         # on a grid each group's Cannon ring holds skewed, in-flight and result copies: smaller groups there
         groups = INPLACE_CHANNEL_GROUPS if self.grid.p == 1 else 4 * INPLACE_CHANNEL_GROUPS
         fused = (low is not None and z.is_contiguous() and operand == low
@@ -131,7 +138,8 @@ class _TriangleMultiplication(nn.Module):
         for group in row_chunks(dim, -(-dim // groups)):
             # (no name holds a group's operands: they are freed before the next group's are made)
             self._contract(*(self._fused_operands(z, mask, group, low) if fused
-                             else self._operands(z, mask, group, chunks, operand)), out=product[group])
+                             else self._operands(z, mask, group, chunks, operand)), out=product[group],
+                           sum_dtype=dtype)
 
         if fused:  # z += p_out(LN_out(product)) * sigmoid(g_out(LN_in(z))): one pass over z and the product
             rows = z.view(-1, dim)  # [B*I*J, D]
@@ -194,11 +202,14 @@ class _TriangleMultiplication(nn.Module):
             b[:, :, rows] = gated[width:].view(width, *x.shape[:3])
         return a, b
 
-    def _contract(self, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    def _contract(self, a: Tensor, b: Tensor, out: Tensor | None = None,
+                  sum_dtype: torch.dtype | None = None) -> Tensor:
         """Tile of the triangle product over k for one channel group, in the operands' dtype with autocast off.
 
         a, b: [B, g, N_i, N_j] or [g, B, N_i, N_j] tiles of a[i, k], b[j, k] (outgoing) or a[k, i], b[k, j]
-        (incoming). returns: the same leading dims and [N_i, N_j], written into ``out`` if given.
+        (incoming). returns: the same leading dims and [N_i, N_j], written into ``out`` if given. sum_dtype: the
+        dtype the sum over k is accumulated in before it is rounded once into ``out`` (default: out's; on a grid
+        the Cannon ring's partial sums stay in it across the ring's steps).
         """
         grid = self.grid
         if self.outgoing:  # einsum "bikd,bjkd->bijd" = A @ B^T
@@ -209,10 +220,10 @@ class _TriangleMultiplication(nn.Module):
             if out is None:
                 return tile_matmul(a, b, grid)
             if grid.p == 1:  # the GEMM writes into ``out`` (contiguous): no result buffer of its own
-                # (low-precision operands: float32 accumulation and result)
+                # (low-precision operands: float32 accumulation inside the GEMM, one rounding to out's dtype)
                 widening_bmm(a.flatten(0, 1), b.flatten(0, 1), out.dtype, out=out.view(-1, *out.shape[-2:]))
                 return out
-            return out.copy_(cannon_matmul(a, b, grid, out_dtype=out.dtype))
+            return out.copy_(cannon_matmul(a, b, grid, out_dtype=sum_dtype or out.dtype))
 
     def _gated_input(self, x: Tensor, channels: slice, mask: Tensor, dtype: torch.dtype) -> Tensor:
         """Input gating for ``channels`` of the 2D projections: p_in(x) * sigmoid(g_in(x)) * mask, in ``dtype``."""
