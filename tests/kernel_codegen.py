@@ -27,8 +27,8 @@ def compile_case(jit, config, even: bool, gate: bool, folded: bool, fixed: bool,
 
     names = jit.arg_names
     const = dict(HEAD_DIM=32, BLOCK_D=32, IEEE=False, SPLIT_P=False, UPCAST=False, GATE=gate, FOLDED=folded,
-                 FIXED=fixed, INDIRECT=False, EVEN_J=even, EVEN_K=even, WHOLE=True, **config.kwargs)
-    pointers = {"mask_ptr": "*fp32", "lse_ptr": "*fp32", "rows_ptr": "*i32", "count_ptr": "*i32", "shift_ptr": "*fp32"}
+                 FIXED=fixed, REDO=0, EVEN_J=even, EVEN_K=even, WHOLE=True, **config.kwargs)
+    pointers = {"mask_ptr": "*fp32", "lse_ptr": "*fp32", "flag_ptr": "*i8", "shift_ptr": "*fp32"}
     sig, attrs, constexprs = {}, {}, {}
     for i, name in enumerate(names):
         if name in const:

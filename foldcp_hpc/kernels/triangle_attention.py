@@ -20,8 +20,8 @@ model's logits (tens at most) no weight overflows and the sum does not vanish. T
 of the accumulator and its exponential in every key block (0.153 -> 0.149 s at N = 4,096 on an H100,
 docs/performance.md). The sum is the tensor cores' product of the rounded weights with ones: the weights that
 multiply the values are those summed. The kernel checks each query's sum (within [2^-80, 2^100]); a query outside
-it (a weight may have overflowed, or those that count underflowed) marks its row, which the second launch then
-does again with the running max, as it does the rows with a key mask of their own. What it costs: the largest
+it (a weight may have overflowed, or those that count underflowed) gets lse NaN, and the second launch does its
+block of queries again with the running max, as it does the rows with a key mask of their own. What it costs: the largest
 weight of a query is rounded to bfloat16 like every other (with the running max it is exactly 1), so where one
 key dominates a query the output's rounding error is up to twice the running max's; the layer's error is
 unchanged (docs/performance.md). ``FOLDCP_SOFTMAX=online`` keeps the running max everywhere (to compare).
@@ -93,17 +93,17 @@ def _build():
 
     globals().update(HELPERS)  # the kernel's callee, found among this module's globals (see .tiles)
 
-    @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE", "SPLIT_P", "FOLDED", "INDIRECT", "FIXED"])
+    @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE", "SPLIT_P", "FOLDED", "REDO", "FIXED"])
     @triton.heuristics({"EVEN_J": lambda a: a["n_j"] % a["BLOCK_M"] == 0,
                         "EVEN_K": lambda a: a["n_k"] % a["BLOCK_N"] == 0,
                         "WHOLE": lambda a: a["n_k"] >= a["BLOCK_N"]})
     @triton.jit
-    def forward(q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, lse_ptr, g_ptr, rows_ptr, count_ptr, shift_ptr,
+    def forward(q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, lse_ptr, g_ptr, flag_ptr, shift_ptr,
                 sq_r, sq_j, sq_h, sk_r, sk_k, sk_h, sv_r, sv_k, sv_h, sg_r, sg_j, sg_h,
                 sb_b, sb_h, sb_j, sb_k, sm_r, so_r, so_j, so_h, sl_r, sl_h, ss_b, ss_h,
                 n_rows, rows_per_batch, rows_per_group, n_j, n_k, scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
-                UPCAST: tl.constexpr, GATE: tl.constexpr, FOLDED: tl.constexpr, INDIRECT: tl.constexpr,
+                UPCAST: tl.constexpr, GATE: tl.constexpr, FOLDED: tl.constexpr, REDO: tl.constexpr,
                 FIXED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 EVEN_J: tl.constexpr, EVEN_K: tl.constexpr, WHOLE: tl.constexpr):
         # Programs in groups of rows: consecutive programs take the group's rows for one query block, then the
@@ -116,16 +116,21 @@ def _build():
         group_rows = tl.minimum(n_rows - first_row, rows_per_group)
         row = (first_row + (pid % per_group) % group_rows).to(tl.int64)
         block_j = (pid % per_group) // group_rows
-        if INDIRECT:  # program slot -> row: the first count_ptr[0] entries of rows_ptr; the other programs stop
-            if row >= tl.load(count_ptr):
-                return
-            row = tl.load(rows_ptr + row).to(tl.int64)
         batch = row // rows_per_batch
         offs_j = block_j * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)  # the head dim padded to a power of two; in_d masks the padding
         in_d = offs_d < HEAD_DIM
         offs_n = tl.arange(0, BLOCK_N)
         in_j = offs_j < n_j
+        if REDO > 0:  # a second launch: only a row flagged in flag_ptr (a key mask of its own) is done, and with
+            # REDO == 2 a query block whose first-launch lse holds a NaN (its fixed shift did not fit); the other
+            # programs stop here
+            redo = tl.load(flag_ptr + row) != 0
+            if REDO == 2:
+                first = tl.load(lse_ptr + row * sl_r + head * sl_h + offs_j, mask=in_j, other=0.0)
+                redo = redo | (tl.max((first != first).to(tl.int32), 0) > 0)
+            if not redo:
+                return
 
         q = tl.load(q_ptr + row * sq_r + head * sq_h + offs_j[:, None] * sq_j + offs_d[None, :],
                     mask=in_j[:, None] & in_d[None, :], other=0.0)
@@ -235,8 +240,8 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
     entry's common one (:func:`fold_key_mask`), the kernel reads the bias
     with the mask folded in and no mask: one FMA fewer per logit (the logits, in natural units, reach the
     exponential's log2 units in the FMA that subtracts the max). The rows with a mask of their own (masked
-    tokens') are then done again by a second launch with their mask, over a row list made on the device (its
-    other programs stop at once), so nothing here waits for the GPU.
+    tokens') are then done again by a second launch with their mask, whose programs read the rows' flags on the
+    device (the others stop at once), so nothing here waits for the GPU.
     """
     forward = _triton()
     if forward is None:
@@ -271,21 +276,19 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
         and not exact_weights
     # every row (those with their own mask are redone below)
     _launch(forward, folded, *shared, folded=True, shift=row_max if fixed else None)
-    if fixed:  # and the rows with a query whose fixed shift did not fit (lse NaN)
-        own = own | torch.isnan(lse).flatten(1).any(1).to(torch.int8)
-    # the rows with a key mask of their own, found on the device: no wait for it here
-    rows = torch.argsort(own, descending=True, stable=True).to(torch.int32)  # own rows first
-    _launch(forward, bias, *shared, indirect=(rows, own.sum(dtype=torch.int32).reshape(1)))
+    # the rows with a key mask of their own, and with the fixed shift the query blocks whose shift did not fit
+    # (lse NaN): the kernel's programs find them on the device, so nothing here waits for the GPU
+    _launch(forward, bias, *shared, redo=(own, fixed))
     return out, lse
 
 
 def _launch(forward, bias: Tensor, q: Tensor, k: Tensor, v: Tensor, mask_bias: Tensor, gate: Tensor | None,
             out: Tensor, lse: Tensor, scale: float, rows_per_batch: int, exact_weights: bool, *,
-            folded: bool = False, indirect: tuple[Tensor, Tensor] | None = None,
-            shift: Tensor | None = None) -> None:
+            folded: bool = False, redo: tuple[Tensor, bool] | None = None, shift: Tensor | None = None) -> None:
     """One kernel launch into out and lse (arguments as :func:`flash_triangle_attention`'s; mask_bias in log2
-    units). folded: bias has the key mask in it and mask_bias is not read; indirect: (order [R] int32, count [1]
-    int32) on the device: only rows order[:count] are done; shift: [B, H, J] float32 (with folded), each
+    units). folded: bias has the key mask in it and mask_bias is not read; redo: (flags [R] int8, nan) on the
+    device: a second launch over out and lse that does only the rows r with flags[r] != 0 and, with nan, the query
+    blocks whose lse (from the first launch) holds a NaN; shift: [B, H, J] float32 (with folded), each
     query's fixed shift in place of the running max (the bias's row max)."""
     n_rows, n_j, heads, width = q.shape
     n_k = k.shape[1]
@@ -295,13 +298,13 @@ def _launch(forward, bias: Tensor, q: Tensor, k: Tensor, v: Tensor, mask_bias: T
     # time share a bias block)
     row_bytes = 2 * n_k * width * k.element_size()
     rows_per_group = max(1, min(n_rows, 16, (16 << 20) // row_bytes))
-    rows, count = indirect if indirect is not None else (lse, lse)  # (any tensors where there is none)
+    flags = redo[0] if redo is not None else lse  # (any tensor where there is none)
     shifts = shift if shift is not None else lse
 
     def grid(meta):
         return (n_rows * -(-n_j // meta["BLOCK_M"]), heads)
 
-    forward[grid](q, k, v, bias, mask_bias, out, lse, g, rows, count, shifts,
+    forward[grid](q, k, v, bias, mask_bias, out, lse, g, flags, shifts,
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
                   bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3), mask_bias.stride(0),
@@ -311,7 +314,7 @@ def _launch(forward, bias: Tensor, q: Tensor, k: Tensor, v: Tensor, mask_bias: T
                   HEAD_DIM=width, BLOCK_D=max(16, 1 << (width - 1).bit_length()), IEEE=q.dtype == torch.float32,
                   SPLIT_P=exact_weights and q.dtype != torch.float32,
                   UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32,
-                  GATE=gate is not None, FOLDED=folded, INDIRECT=indirect is not None, FIXED=shift is not None)
+                  GATE=gate is not None, FOLDED=folded, REDO=0 if redo is None else 1 + redo[1], FIXED=shift is not None)
 
 
 def merge_partial(state: tuple[Tensor, Tensor] | None, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
