@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .lazy import lazy_kernel
+from .lazy import autotune_options, lazy_kernel
 
 # the kernels' callees (:mod:`.tiles`): set among this module's globals when the kernel is first built
 normalise = round_bf16 = None
@@ -45,7 +45,7 @@ def _kernel(triton, tl):
 
     globals().update(HELPERS)  # the kernel's callees, found among this module's globals (see .tiles)
 
-    @triton.autotune(configs=configs, key=["n_out", "C", "BLOCK_E", "SAME", "ACCUMULATE"])
+    @triton.autotune(configs=configs, key=["n_out", "C", "BLOCK_E", "SAME", "ACCUMULATE"], **autotune_options(triton))
     @triton.jit
     def norm_gate_kernel(xv_ptr, sxv_m, sxv_c, nv_w, nv_b, wv_ptr,
                          xg_ptr, sxg_m, sxg_c, ng_w, ng_b, wg_ptr,

@@ -23,7 +23,7 @@ import os
 import torch
 from torch import Tensor
 
-from .lazy import lazy_kernel
+from .lazy import autotune_options, lazy_kernel
 
 # the kernels' callees (:mod:`.tiles`): set among this module's globals when the kernel is first built
 normalise = round_bf16 = None
@@ -49,7 +49,8 @@ def _kernel(triton, tl):
         return kept or [triton.Config({**c.kwargs, "BLOCK_E": widest}, num_warps=c.num_warps,
                                       num_stages=c.num_stages) for c in configs]
 
-    @triton.autotune(configs=configs, key=["n_out", "C", "IEEE"], prune_configs_by={"early_config_prune": prune})
+    @triton.autotune(configs=configs, key=["n_out", "C", "IEEE"], prune_configs_by={"early_config_prune": prune},
+                     **autotune_options(triton))
     @triton.jit
     def norm_linear_kernel(x_ptr, sx_o, sx_i, sx_c, n_rows, n_inner, nw_ptr, nb_ptr, eps, w_ptr,
                            o_ptr, so_m, so_e, n_out, C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,

@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor
 
-from .lazy import lazy_kernel
+from .lazy import autotune_options, lazy_kernel
 
 # the kernels' callees (:mod:`.tiles`): set among this module's globals when the kernel is first built
 normalise = round_bf16 = None
@@ -38,7 +38,7 @@ def _kernel(triton, tl):
 
     globals().update(HELPERS)  # the kernel's callees, found among this module's globals (see .tiles)
 
-    @triton.autotune(configs=configs, key=["C", "HIDDEN"])
+    @triton.autotune(configs=configs, key=["C", "HIDDEN"], **autotune_options(triton))
     @triton.jit
     def swiglu_kernel(x_ptr, n_w, n_b, w1_ptr, w2_ptr, w3_ptr, n_rows, sx_m, eps,
                       C: tl.constexpr, HIDDEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,

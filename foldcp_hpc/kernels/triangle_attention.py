@@ -90,10 +90,12 @@ def _build():
     if os.environ.get("TRITON_INTERPRET") == "1":
         configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
     from .flash_block import HELPERS
+    from .lazy import autotune_options
 
     globals().update(HELPERS)  # the kernel's callee, found among this module's globals (see .tiles)
 
-    @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE", "SPLIT_P", "FOLDED", "REDO", "FIXED"])
+    @triton.autotune(configs=configs, key=["n_j", "n_k", "HEAD_DIM", "IEEE", "SPLIT_P", "FOLDED", "REDO", "FIXED"],
+                     **autotune_options(triton))
     @triton.heuristics({"EVEN_J": lambda a: a["n_j"] % a["BLOCK_M"] == 0,
                         "EVEN_K": lambda a: a["n_k"] % a["BLOCK_N"] == 0,
                         "WHOLE": lambda a: a["n_k"] >= a["BLOCK_N"]})
