@@ -21,10 +21,10 @@ of the accumulator and its exponential in every key block (0.153 -> 0.149 s at N
 docs/performance.md). The sum is the tensor cores' product of the rounded weights with ones: the weights that
 multiply the values are those summed. The kernel checks each query's sum (within [2^-80, 2^100]); a query outside
 it (a weight may have overflowed, or those that count underflowed) gets lse NaN, and the second launch does its
-block of queries again with the running max, as it does the rows with a key mask of their own. What it costs: the largest
-weight of a query is rounded to bfloat16 like every other (with the running max it is exactly 1), so where one
-key dominates a query the output's rounding error is up to twice the running max's; the layer's error is
-unchanged (docs/performance.md). ``FOLDCP_SOFTMAX=online`` keeps the running max everywhere (to compare).
+block of queries again with the running max, as it does the rows with a key mask of their own. What it costs:
+the largest weight of a query is rounded to bfloat16 like every other (with the running max it is exactly 1), so
+where one key dominates a query the output's rounding error is up to twice the running max's; the layer's error
+is unchanged (docs/performance.md). ``FOLDCP_SOFTMAX=online`` keeps the running max everywhere (to compare).
 
 The same kernel serves the single track's attention with pair bias (Boltz's ``AttentionPairBias``: the rows
 are the samples, the bias is shared by a batch entry's samples), whose head widths (24, 48) are not powers of
@@ -316,7 +316,8 @@ def _launch(forward, bias: Tensor, q: Tensor, k: Tensor, v: Tensor, mask_bias: T
                   HEAD_DIM=width, BLOCK_D=max(16, 1 << (width - 1).bit_length()), IEEE=q.dtype == torch.float32,
                   SPLIT_P=exact_weights and q.dtype != torch.float32,
                   UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32,
-                  GATE=gate is not None, FOLDED=folded, REDO=0 if redo is None else 1 + redo[1], FIXED=shift is not None)
+                  GATE=gate is not None, FOLDED=folded, REDO=0 if redo is None else 1 + redo[1],
+                  FIXED=shift is not None)
 
 
 def merge_partial(state: tuple[Tensor, Tensor] | None, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,8 +11,8 @@ product's memory and running at the low-precision GEMM rate. In inference under 
 (:meth:`~_TriangleMultiplication.add_update`) a float32 tile's a and b are bfloat16 values already, and the
 product, summed in float32, is stored rounded once to bfloat16 for the output's LayerNorm: [D, N, N] in bfloat16
 is half a float32 tile, so the layer holds z and about 3/4 of a tile more instead of 5/4 (a device peak of 15.2
-GiB instead of ~19 GiB at N = 4,096 on one H100), for a layer error of 3.69e-3 instead of 3.60e-3 (cuEquivariance's: 4.43e-3;
-docs/performance.md).
+GiB instead of ~19 GiB at N = 4,096 on one H100), for a layer error of 3.69e-3 instead of 3.60e-3
+(cuEquivariance's: 4.43e-3; docs/performance.md).
 
 Memory: the channels are contracted in ``CHANNEL_GROUPS`` groups (each group's a and b are projected,
 gated, masked and sent round the ring on their own), and the output gating runs in row chunks, so besides
