@@ -42,6 +42,8 @@ import os
 import torch
 from torch import Tensor
 
+from .lazy import autotune_options
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -90,7 +92,6 @@ def _build():
     if os.environ.get("TRITON_INTERPRET") == "1":
         configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
     from .flash_block import HELPERS
-    from .lazy import autotune_options
 
     globals().update(HELPERS)  # the kernel's callee, found among this module's globals (see .tiles)
 
