@@ -149,6 +149,13 @@ def test_fold_key_mask_plan():
     assert again is first and len(cache) == 1 and own_again.tolist() == [1] * (2 * n)
     block, _, _ = fold_key_mask(bias[..., 1:], mask_bias[:, 1:], n, cache=cache)  # another view: folded anew
     assert len(cache) == 2 and torch.equal(block, first[..., 1:])
+    # shifted (the fixed-shift kernel's operand): (bias + common - row max) log2(e), rounded once to bfloat16
+    shifted, own_s, max_s = fold_key_mask(bias, mask_bias, n, shifted=True)
+    exact = ((bias.double() + common.double()[:, None, None, :] - row_max.double()[..., None]) * math.log2(math.e))
+    assert shifted.dtype == torch.bfloat16 and torch.equal(own_s, own) and torch.equal(max_s, row_max)
+    assert torch.equal(shifted, exact.to(torch.bfloat16))  # one rounding
+    assert (shifted.amax(-1) == 0).all()  # each query's largest weight is exp2(0) before its q . k
+    assert fold_key_mask(bias, mask_bias, n, dtype=torch.bfloat16)[0].dtype == torch.bfloat16
 
 
 def test_flash_attention_folded_mask_matches_reference(monkeypatch):

@@ -272,12 +272,18 @@ def test_triangle_attention_fused_projections(grid, starting, monkeypatch):
     n = N_FUSED
     mine, z, pair_mask, expected = _triangle_attention_case(grid, starting, seed=12)
     calls = counted(monkeypatch, tri_att, "norm_linear")
+    attend = tri_att.flash.flash_triangle_attention
+    biases = []
+    monkeypatch.setattr(tri_att.flash, "flash_triangle_attention",
+                        lambda q, k, v, bias, *a, **kw: biases.append(bias.dtype) or attend(q, k, v, bias, *a, **kw))
     results = {}
     for fused in (True, False):
         monkeypatch.setattr(tri_att, "norm_linear_ok", lambda x, fused=fused: fused)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             results[fused] = mine.add_update(z.float().contiguous(), pair_mask.float(), chunk_size=4, n_tokens=n)
     assert len(calls) > 2, "the fused kernel was not used for the bias and the chunks"
+    # the triangle bias reaches the kernel unrounded (its fold shifts it and rounds it once), either way
+    assert biases and set(biases) == {torch.float32}, biases
     keep = pair_mask[..., None]  # the updates compared (z itself would hide them)
     update, unfused = ((results[fused].double() - z) * keep for fused in (True, False))
     boltz_update = (expected - z) * keep

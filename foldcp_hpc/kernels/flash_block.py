@@ -122,17 +122,25 @@ def keys_loop(acc, run_max, run_sum, q, k_base, v_base, b_base, m_base, offs_n, 
 
 
 @triton.jit
+def widen_bf16(x):
+    """bfloat16 -> float32 by bit moves, one instruction per value: each 32-bit register holds two values, the
+    low one shifted up, the high one masked (the compiler's conversion takes ~1.7 instructions per value)."""
+    return tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;", "=r,=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
 def key_block_fixed(acc, sums, q, k_base, v_base, b_base, start, offs_n, offs_d, in_j, in_d, sk_k, sv_k, sb_k, n_k,
-                    qk_scale, shift, ones, MASK_D: tl.constexpr, MASK_J: tl.constexpr, MASK_K: tl.constexpr,
+                    qk_scale, ones, MASK_D: tl.constexpr, MASK_J: tl.constexpr, MASK_K: tl.constexpr,
                     UPCAST: tl.constexpr):
     """:func:`key_block` with the key mask in the bias and a fixed shift in place of the running max.
 
-    shift: [BLOCK_M] float32 in log2 units, subtracted from every logit of its query before the exponential
-    (the caller checks afterwards that no weight overflowed and the sum did not vanish); sums: [BLOCK_M, 16]
-    float32, each column the running sum of the weights; ones: [BLOCK_N, 16] ones in q's dtype. No max, no
-    rescaling: per logit one FMA for the scale and bias, one for log2 units and the shift, the exponential and
-    half a conversion. The sum is a tensor-core product of the rounded weights with ones, so the weights that
-    multiply the values are the ones summed. Returns (acc, sums).
+    b_base: the bias rows in bfloat16, in log2 units, each query's fixed shift already subtracted
+    (:func:`~.triangle_attention.fold_key_mask`; the caller checks afterwards that no weight overflowed and the
+    sum did not vanish); qk_scale: the scale in log2 units; sums: [BLOCK_M, 16] float32, each column the running
+    sum of the weights; ones: [BLOCK_N, 16] ones in q's dtype. No max, no rescaling: per logit one bit move to
+    widen the bias, one FMA, the exponential and half a conversion. The sum is a tensor-core product of the
+    rounded weights with ones, so the weights that multiply the values are the ones summed. Returns (acc, sums).
     """
     offs_k = start + offs_n
     in_k = offs_k < n_k
@@ -147,8 +155,11 @@ def key_block_fixed(acc, sums, q, k_base, v_base, b_base, start, offs_n, offs_d,
         bias = tl.load(b_ptrs, mask=in_j[:, None], other=0.0)
     else:
         bias = tl.load(b_ptrs)
-    logits = qk * qk_scale + bias.to(tl.float32)  # natural units
-    weights = tl.exp2(logits * 1.4426950408889634 - shift[:, None])
+    if UPCAST:  # the interpreter: no inline assembly
+        bias = bias.to(tl.float32)
+    else:
+        bias = widen_bf16(bias)
+    weights = tl.exp2(qk * qk_scale + bias)  # log2 units, the shift already in the bias: one FMA per logit
     v = key_rows(v_base, offs_k, sv_k, offs_d, in_k, in_d, MASK_K, MASK_D)
     high = weights.to(v.dtype)
     if UPCAST:  # float32 products of the rounded weights
@@ -162,7 +173,7 @@ def key_block_fixed(acc, sums, q, k_base, v_base, b_base, start, offs_n, offs_d,
 
 @triton.jit
 def keys_loop_fixed(acc, q, k_base, v_base, b_base, offs_n, offs_d, in_j, in_d, sk_k, sv_k, sb_k, n_k, qk_scale,
-                    shift, MASK_D: tl.constexpr, MASK_J: tl.constexpr, EVEN_K: tl.constexpr, WHOLE: tl.constexpr,
+                    MASK_D: tl.constexpr, MASK_J: tl.constexpr, EVEN_K: tl.constexpr, WHOLE: tl.constexpr,
                     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """All of one row's keys through :func:`key_block_fixed`: whole blocks, then the partial one. Returns
     (acc, run_sum [BLOCK_M])."""
@@ -174,11 +185,11 @@ def keys_loop_fixed(acc, q, k_base, v_base, b_base, offs_n, offs_d, in_j, in_d, 
         for start in range(0, n_whole, BLOCK_N):
             acc, sums = key_block_fixed(
                 acc, sums, q, k_base, v_base, b_base, start, offs_n, offs_d, in_j, in_d, sk_k, sv_k, sb_k, n_k,
-                qk_scale, shift, ones, MASK_D, MASK_J, False, UPCAST)
+                qk_scale, ones, MASK_D, MASK_J, False, UPCAST)
     if not EVEN_K:
         acc, sums = key_block_fixed(
             acc, sums, q, k_base, v_base, b_base, n_whole, offs_n, offs_d, in_j, in_d, sk_k, sv_k, sb_k, n_k,
-            qk_scale, shift, ones, MASK_D, MASK_J, True, UPCAST)
+            qk_scale, ones, MASK_D, MASK_J, True, UPCAST)
     return acc, tl.max(sums, 1)  # 16 equal columns
 
 

@@ -35,7 +35,7 @@ __all__ = ["norm_linear", "norm_linear_ok"]
 def _kernel(triton, tl):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_E": be}, num_warps=w, num_stages=s)
                for bm, be, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2),
-                                    (64, 64, 4, 1), (128, 64, 4, 2), (32, 64, 4, 2))]
+                                    (64, 64, 4, 1), (128, 64, 4, 2), (32, 64, 4, 2), (128, 64, 8, 3))]
     if os.environ.get("TRITON_INTERPRET") == "1":
         configs = [triton.Config({"BLOCK_M": 16, "BLOCK_E": 16})]
     from .tiles import HELPERS

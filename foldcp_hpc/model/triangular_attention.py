@@ -28,7 +28,7 @@ from ..distributed import autograd as cp
 from ..kernels import triangle_attention as flash
 from ..kernels.norm_linear import norm_linear, norm_linear_ok
 from .common import (PAD_BIAS, ChunkWriter, at_least_f32, autocast_low_dtype, block_is_padding, layer_norm,
-                     refuse_autograd, ring, row_chunks, rows_within, inference_rows)
+                     refuse_autograd, ring, row_chunks, rows_within, inference_rows, wide_linear)
 
 # The logits of one chunk of query rows stay within this fraction of the tile's size.
 LOGITS_BUDGET = 0.125
@@ -209,13 +209,18 @@ class TriangleAttention(nn.Module):
             self._add_output(z, sl, o)
         return z
 
-    def _norm_linear(self, x: Tensor, weight: Tensor) -> Tensor:
+    def _norm_linear(self, x: Tensor, weight: Tensor, wide: bool = False) -> Tensor:
         """``LN(x) @ weight^T`` for rows x [..., C] (any strides): one kernel pass under autocast on CUDA
         (:func:`~foldcp_hpc.kernels.norm_linear.norm_linear`, the same roundings), the LayerNorm then the Linear
-        otherwise. weight: [E, C]; returns [..., E]."""
+        otherwise. weight: [E, C]; wide: under autocast the float32 sums are returned unrounded (the triangle
+        bias, which the flash kernel's fold shifts and rounds once); returns [..., E]."""
         low = autocast_low_dtype(x)
         if low is not None and norm_linear_ok(x):
-            return norm_linear(x, self.layer_norm, weight.to(low).contiguous())
+            out = torch.empty(*x.shape[:-1], weight.shape[0], device=x.device, dtype=torch.float32) if wide \
+                else None
+            return norm_linear(x, self.layer_norm, weight.to(low).contiguous(), out=out)
+        if wide:
+            return wide_linear(layer_norm(self.layer_norm, x), weight)
         return F.linear(layer_norm(self.layer_norm, x), weight)
 
     def _add_output(self, z: Tensor, sl: slice, o: Tensor) -> None:
@@ -267,7 +272,7 @@ class TriangleAttention(nn.Module):
                                z.is_cuda)
         bias = ChunkWriter(dim=1, size=z.shape[1])
         for sl in row_chunks(z.shape[1], lines):
-            bias.put(sl, self._norm_linear(z[:, sl], self.linear.weight))
+            bias.put(sl, self._norm_linear(z[:, sl], self.linear.weight, wide=True))
         bias = cp.transpose_tiles(bias.result(), grid)  # [B,I,J,H] of b -> tile of b^T
         if self.starting:
             bias = cp.all_gather(bias, grid, "col", dim=1)  # [B,K,J,H]: b^T[k, j] = b[j, k]
