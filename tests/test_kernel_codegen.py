@@ -37,3 +37,11 @@ def test_flash_kernel_compiles_for_sm90_without_serialised_products():
         assert report["C7515"] == "0", f"{case}: ptxas serialised the wgmma products (C7515)"
         if case.startswith("even=1"):
             assert int(report["spill"]) <= 16, f"{case}: {report['spill']} bytes spilled at {report['regs']} registers"
+    # the warp-specialised Gluon kernel (flash_ws): 128 registers at launch, moved to the consumers; no spill, no
+    # serialised products
+    ws = [line for line in done.stdout.splitlines() if line.startswith("ws ")]
+    assert len(ws) == 1, done.stdout
+    if ws[0].startswith("ws unsupported"):
+        pytest.skip(ws[0])
+    report = dict(word.split("=") for word in ws[0].split()[1:])
+    assert report == {"regs": "128", "spill": "0", "C7515": "0", "C7511": "0"}, ws[0]

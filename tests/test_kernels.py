@@ -154,6 +154,9 @@ def test_fold_key_mask_plan():
     exact = ((bias.double() + common.double()[:, None, None, :] - row_max.double()[..., None]) * math.log2(math.e))
     assert shifted.dtype == torch.bfloat16 and torch.equal(own_s, own) and torch.equal(max_s, row_max)
     assert torch.equal(shifted, exact.to(torch.bfloat16))  # one rounding
+    assert shifted.stride(2) == 64  # rows padded to whole blocks of 64 keys, -inf past the last
+    padding = shifted.as_strided((*shifted.shape[:-1], 64), shifted.stride())[..., n:]
+    assert torch.isinf(padding).all() and (padding < 0).all()
     assert (shifted.amax(-1) == 0).all()  # each query's largest weight is exp2(0) before its q . k
     assert fold_key_mask(bias, mask_bias, n, dtype=torch.bfloat16)[0].dtype == torch.bfloat16
 
@@ -249,6 +252,56 @@ def test_fixed_shift_matches_the_running_max(monkeypatch):
     assert launches == [False, False]
     assert (out.float() - online.float()).abs().max() < 2e-2
     torch.testing.assert_close(lse, online_lse, rtol=0, atol=1e-2)
+
+
+def test_warp_specialised_launch_routing(monkeypatch):
+    """Where the Gluon kernel is wanted (a Hopper GPU: emulated here), the fixed-shift first launch goes to
+    :func:`~foldcp_hpc.kernels.flash_ws.ws_launch` with the shifted fold (rows padded with -inf to a multiple of
+    64 keys) and the row max; the second launch (own masks, overflowing queries) stays the Triton kernel's. The
+    kernel itself runs in ``tests/test_flash_ws_gpu.py`` on the H100."""
+    from types import SimpleNamespace
+
+    from foldcp_hpc.kernels import triangle_attention as ta
+
+    q, k, v, bias, mask_bias, scale, rows = _fixed_shift_case(7)
+    assert not ta.ws_wanted(q, k, v, bias, None)  # not on a CPU (nor in Triton's interpreter)
+    expected, expected_lse = ta.flash_triangle_attention(q, k, v, bias, mask_bias, scale, rows)
+    calls, launches = [], []
+    launch = ta._launch
+
+    def ws_launch(q, k, v, folded, shift, scale, rows_per_batch, out, lse, gate):
+        calls.append((folded, shift))
+        # the same result by the Triton kernel's fixed-shift launch
+        launch(ta._triton(), folded, q, k, v, (mask_bias * ta.LOG2E).contiguous(), gate, out, lse, scale,
+               rows_per_batch, False, folded=True, shift=shift)
+
+    monkeypatch.setattr(ta, "ws_wanted", lambda *a: True)
+    monkeypatch.setattr(ta, "_flash_ws", lambda: SimpleNamespace(ws_launch=ws_launch))
+    monkeypatch.setattr(ta, "_launch", lambda *a, **kw: launches.append(kw) or launch(*a, **kw))
+    out, lse = ta.flash_triangle_attention(q, k, v, bias, mask_bias, scale, rows)
+    assert len(calls) == 1 and len(launches) == 1 and launches[0]["redo"] == (launches[0]["redo"][0], True)
+    folded, shift = calls[0]
+    n_k = k.shape[1]
+    assert folded.dtype == torch.bfloat16 and folded.shape[-1] == n_k and folded.stride(2) == 64
+    padding = folded.as_strided((*folded.shape[:-1], 64), folded.stride())[..., n_k:]
+    assert torch.isinf(padding).all() and (padding < 0).all()
+    assert shift.dtype == torch.float32 and shift.shape == bias.shape[:-1]
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+
+
+def test_warp_specialised_launch_reads_only_tma_layouts():
+    """The Gluon kernel's TMA descriptors read [rows x tokens, H x D] matrices: q, k and v as the model's
+    projection gives them (views of one [R, L, 4 H D] tensor) pass; heads apart, or lines not 16-byte aligned,
+    do not."""
+    from foldcp_hpc.kernels.triangle_attention import _aligned
+
+    projection = torch.zeros(6, 10, 4 * 4 * 32, dtype=torch.bfloat16)
+    q = projection[..., :128].unflatten(-1, (4, 32))  # [R, L, H, D]
+    k = projection[..., 128:256].unflatten(-1, (4, 32))
+    assert _aligned(q, 10) and _aligned(k, 10)
+    assert not _aligned(q.transpose(0, 1), 6)  # rows and tokens swapped: the R x L lines are not one stride apart
+    odd = torch.zeros(6, 10, 4 * 36 + 4, dtype=torch.bfloat16)[..., 4:].unflatten(-1, (4, 36))[..., :32]
+    assert not _aligned(odd, 10)  # heads 36 apart, the start 8 bytes in
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")

@@ -21,10 +21,12 @@ of the accumulator and its exponential in every key block (0.153 -> 0.149 s at N
 docs/performance.md). The fold writes that bias already shifted and in log2 units, (b - m) log2(e), summed in
 float32 and rounded once to bfloat16 (the model hands it the float32 bias), and the kernel widens it by bit moves:
 per logit one FMA, the exponential and one bit move remain (403 instructions per key block against 496; 0.145 ->
-0.137 s). The sum is the tensor cores' product of the rounded weights with ones: the weights that
-multiply the values are those summed. The kernel checks each query's sum (within [2^-80, 2^100]); a query outside
-it (a weight may have overflowed, or those that count underflowed) gets lse NaN, and the second launch does its
-block of queries again with the running max, as it does the rows with a key mask of their own. What it costs:
+0.137 s). On Hopper GPUs that first launch is the warp-specialised Gluon kernel of :mod:`.flash_ws` (three rows
+per CTA share each bias block; 0.116 s), the second launch this one (:func:`ws_wanted`). The sum is the tensor
+cores' product of the rounded weights with ones: the weights that multiply the values are those summed. The
+kernel checks each query's sum (within [2^-80, 2^100]); a query outside it (a weight may have overflowed, or
+those that count underflowed) gets lse NaN, and the second launch does its block of queries again with the
+running max, as it does the rows with a key mask of their own. What it costs:
 the largest weight of a query is rounded to bfloat16 like every other (with the running max it is exactly 1), so
 where one key dominates a query the output's rounding error is up to twice the running max's; the layer's error
 is unchanged (docs/performance.md). ``FOLDCP_SOFTMAX=online`` keeps the running max everywhere (to compare).
@@ -186,6 +188,7 @@ def _build():
     return forward
 
 
+SHIFTED_KEYS = 64  # the shifted fold's rows are padded to a multiple of this many keys (flash_ws.BLOCK_N)
 MASKED = -1e4  # an additive key bias at or below this masks the key (exp(-1e4) underflows float32 ~100-fold)
 # Without a fold cache, rows per batch entry below which the bias is not copied to fold the mask: the copy costs
 # ~2 reads of the bias, the fold saves ~15% of the kernel's ~1 read per row (break-even ~15 rows). The single
@@ -201,7 +204,9 @@ def fold_key_mask(bias: Tensor, mask_bias: Tensor, rows_per_batch: int, cache: d
     shifted: the folded bias is returned in bfloat16 and in log2 units with its row max subtracted,
     ``(bias + common - row_max) * log2(e)``, summed in float32 and rounded once: the fixed-shift kernel's
     operand, one FMA per logit. The largest weights, whose bias is near the row max, then carry the smallest
-    rounding errors. dtype: the unshifted folded copy's (default the bias's).
+    rounding errors. It is a view of rows of a multiple of ``SHIFTED_KEYS`` keys, -inf past the last key (so
+    that whole blocks of keys can be read without bounds checks). dtype: the unshifted folded copy's (default
+    the bias's).
 
     bias: [B, H, J, K]; mask_bias: [R, K] float32 (R = B x rows_per_batch). A batch entry's common key mask is
     the largest bias of each key over its rows (the keys any row sees). Where every common value is 0 or masked
@@ -225,9 +230,12 @@ def fold_key_mask(bias: Tensor, mask_bias: Tensor, rows_per_batch: int, cache: d
         exact = ((common == 0) | (common <= MASKED)).all(-1)  # [B]
         folded = bias.to(torch.float32, copy=True).add_(common[:, None, None, :])  # [B,H,J,K] + [B,1,1,K]
         row_max = folded.amax(-1)  # [B, H, J]
-        if shifted:
-            folded = folded.sub_(row_max[..., None]).mul_(LOG2E)
-        folded = folded.to(dtype)
+        if shifted:  # rows of a multiple of SHIFTED_KEYS keys, -inf past the last (read whole by flash_ws)
+            padded = torch.full((*folded.shape[:-1], -(-n_keys // SHIFTED_KEYS) * SHIFTED_KEYS), float("-inf"),
+                                device=folded.device, dtype=dtype)
+            folded = padded[..., :n_keys].copy_(folded.sub_(row_max[..., None]).mul_(LOG2E))
+        else:
+            folded = folded.to(dtype)
         hit = (common, exact, folded, row_max)
         if cache is not None:
             cache[key] = hit
@@ -293,7 +301,10 @@ def flash_triangle_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask
         return out, lse
     folded, own, row_max = fold
     # every row (those with their own mask are redone below)
-    _launch(forward, folded, *shared, folded=True, shift=row_max if fixed else None)
+    if fixed and ws_wanted(q, k, v, folded, gate):
+        _flash_ws().ws_launch(q, k, v, folded, row_max, scale, rows_per_batch, out, lse, gate)
+    else:
+        _launch(forward, folded, *shared, folded=True, shift=row_max if fixed else None)
     # the rows with a key mask of their own, and with the fixed shift the query blocks whose shift did not fit
     # (lse NaN): the kernel's programs find them on the device, so nothing here waits for the GPU
     _launch(forward, bias, *shared, redo=(own, fixed))
@@ -334,6 +345,49 @@ def _launch(forward, bias: Tensor, q: Tensor, k: Tensor, v: Tensor, mask_bias: T
                   UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32,
                   GATE=gate is not None, FOLDED=folded, REDO=0 if redo is None else 1 + redo[1],
                   FIXED=shift is not None)
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_ws():
+    """:mod:`.flash_ws`, or None where this Triton has no Gluon for Hopper."""
+    try:
+        from . import flash_ws
+    except ImportError:
+        return None
+    return flash_ws
+
+
+def _aligned(t: Tensor, rows: int) -> bool:
+    """t: [R, L, H, D] with D contiguous, the heads adjacent and the R x L lines one stride apart: the
+    [R L, H D] matrix a TMA descriptor reads (16-byte aligned start and line stride)."""
+    return (t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.stride(0) == rows * t.stride(1)
+            and t.stride(1) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
+def ws_wanted(q: Tensor, k: Tensor, v: Tensor, folded: Tensor, gate: Tensor | None) -> bool:
+    """Whether the fixed-shift first launch runs as the warp-specialised Gluon kernel (:mod:`.flash_ws`).
+
+    On an sm_90 GPU (Hopper) with a Triton that has Gluon, for bfloat16 heads of width 32 whose q, k and v are
+    TMA-readable (:func:`_aligned`) and the shifted fold (:func:`fold_key_mask`, rows padded to a multiple of
+    ``SHIFTED_KEYS`` keys). ``FOLDCP_WS=0`` keeps the Triton kernel (to compare).
+    """
+    if os.environ.get("FOLDCP_WS", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda:
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0) or q.shape[3] != 32:
+        return False
+    if any(t.dtype != torch.bfloat16 for t in (q, k, v, folded)) or (gate is not None and gate.dtype != q.dtype):
+        return False
+    n_j, n_k = q.shape[1], k.shape[1]
+    if not (_aligned(q, n_j) and _aligned(k, n_k) and _aligned(v, n_k)):
+        return False
+    if gate is not None and gate.stride(3) != 1:
+        return False
+    padded = folded.stride(2)
+    if not (folded.stride(3) == 1 and padded % SHIFTED_KEYS == 0 and padded >= n_k
+            and folded.stride(1) == n_j * padded and folded.stride(0) == q.shape[2] * folded.stride(1)
+            and folded.data_ptr() % 16 == 0):
+        return False
+    return _flash_ws() is not None
 
 
 def merge_partial(state: tuple[Tensor, Tensor] | None, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
