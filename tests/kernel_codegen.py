@@ -81,7 +81,7 @@ def compile_ws(sass: str | None = None) -> str | None:
         from triton.experimental.gluon._runtime import GluonASTSource
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         from foldcp_hpc.kernels import flash_ws as ws
-    except ImportError:
+    except (ImportError, AttributeError):  # no Gluon, or another Gluon API
         return None
     import torch
 

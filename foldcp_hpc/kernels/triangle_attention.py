@@ -349,10 +349,10 @@ def _launch(forward, bias: Tensor, q: Tensor, k: Tensor, v: Tensor, mask_bias: T
 
 @functools.lru_cache(maxsize=1)
 def _flash_ws():
-    """:mod:`.flash_ws`, or None where this Triton has no Gluon for Hopper."""
+    """:mod:`.flash_ws`, or None where this Triton has no Gluon for Hopper (or another Gluon API)."""
     try:
         from . import flash_ws
-    except ImportError:
+    except (ImportError, AttributeError):
         return None
     return flash_ws
 
