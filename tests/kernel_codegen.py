@@ -113,6 +113,12 @@ def compile_ws(sass: str | None = None) -> str | None:
     return ptxas_report(kernel.asm["ptx"], sass)
 
 
+def registers_and_spill(report: str) -> tuple[str, str]:
+    """(registers used, bytes of spill stores) from ptxas -v's report."""
+    return (report.split("Used ")[1].split(" registers")[0],
+            report.split(" bytes spill stores")[0].rsplit(" ", 1)[-1])
+
+
 UNSUPPORTED = 3  # exit status: this Triton compiles differently (its compile API or NVIDIA backend differ)
 
 
@@ -133,16 +139,14 @@ def main() -> int:
         except (ImportError, TypeError, AttributeError) as err:
             print(f"unsupported: Triton {triton.__version__}: {err!r}", flush=True)
             return UNSUPPORTED
-        regs = report.split("Used ")[1].split(" registers")[0]
-        spill = report.split(" bytes spill stores")[0].rsplit(" ", 1)[-1]
+        regs, spill = registers_and_spill(report)
         print(f"even={int(even)} gate={int(gate)} folded={int(folded)} fixed={int(fixed)} regs={regs} spill={spill} "
               f"C7515={int('C7515' in report)}", flush=True)
     report = compile_ws(sass and os.path.join(sass, "ws.sass"))
     if report is None:
         print("ws unsupported: this Triton has no Gluon for Hopper", flush=True)
     else:
-        regs = report.split("Used ")[1].split(" registers")[0]
-        spill = report.split(" bytes spill stores")[0].rsplit(" ", 1)[-1]
+        regs, spill = registers_and_spill(report)
         print(f"ws regs={regs} spill={spill} C7515={int('C7515' in report)} C7511={int('C7511' in report)}",
               flush=True)
     return 0
